@@ -1,0 +1,1 @@
+"""Calibration data sets (audio -> mel -> activations) for quantization."""

@@ -1,0 +1,1 @@
+"""Checkpoint loading, the PyTorch reference model and ONNX export."""

@@ -1,0 +1,94 @@
+"""Read a MOSS-Audio checkpoint (Hugging Face layout, safetensors, one file or shards).
+
+Memory-frugal: the model is built on the meta device and each tensor is read from the
+memory-mapped file and converted one at a time, so at most one full copy of the weights
+(in the target dtype) plus one tensor is ever held.
+"""
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from moss_edge.export.config import load_config
+from moss_edge.export.model import MossAudio
+from moss_edge.runtime.errors import MossEdgeError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def tensor_files(checkpoint_dir: str | Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file that holds it."""
+    root = Path(checkpoint_dir)
+    index_file = root / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise MossEdgeError(f"{index_file} is not a valid shard index ({err})") from None
+        files = {name: root / file for name, file in weight_map.items()}
+        absent = sorted({str(f) for f in files.values() if not f.is_file()})
+        if absent:
+            raise MossEdgeError(f"shard(s) named in {index_file.name} are missing: {', '.join(absent)}")
+        return files
+    singles = sorted(root.glob("*.safetensors"))
+    if len(singles) != 1:
+        raise MossEdgeError(
+            f"{root} has {len(singles)} .safetensors files and no model.safetensors.index.json; "
+            "expected one model.safetensors or an index with shards"
+        )
+    try:
+        with safe_open(str(singles[0]), framework="pt") as f:
+            return {name: singles[0] for name in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise MossEdgeError(f"cannot read {singles[0]}: {err}") from None
+
+
+def _check_names_and_shapes(model: nn.Module, files: dict[str, Path]) -> None:
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    missing = sorted(expected.keys() - files.keys())
+    unexpected = sorted(files.keys() - expected.keys())
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+    by_file = defaultdict(list)
+    for name in expected.keys() & files.keys():
+        by_file[files[name]].append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in names:
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        problems.append(f"{name} has shape {list(shape)}, config.json implies {list(expected[name])}")
+        except (SafetensorError, OSError) as err:
+            raise MossEdgeError(f"cannot read {file}: {err}") from None
+    if problems:
+        raise MossEdgeError("checkpoint does not match its config.json: " + "; ".join(problems))
+
+
+def load_model(checkpoint_dir: str | Path, dtype: torch.dtype | None = None) -> MossAudio:
+    """Load the reference model; dtype None keeps each tensor's stored dtype."""
+    cfg = load_config(checkpoint_dir)
+    with torch.device("meta"):
+        model = MossAudio(cfg)
+    files = tensor_files(checkpoint_dir)
+    _check_names_and_shapes(model, files)
+    by_file = defaultdict(list)
+    for name in files:
+        by_file[files[name]].append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                tensor = f.get_tensor(name)
+                if dtype is not None:
+                    tensor = tensor.to(dtype)
+                module_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+    model.compute_buffers()
+    return model.eval()

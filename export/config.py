@@ -1,0 +1,130 @@
+"""MOSS-Audio config.json as typed dataclasses, with upstream defaults for missing keys."""
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from moss_edge.runtime.errors import MossEdgeError
+
+
+@dataclass
+class AudioConfig:
+    d_model: int = 1280
+    output_dim: int = 1280
+    num_mel_bins: int = 128
+    encoder_layers: int = 32
+    encoder_attention_heads: int = 20
+    encoder_ffn_dim: int = 5120
+    downsample_hidden_size: int = 480
+    layer_norm_eps: float = 1e-5
+    max_source_positions: int = 1500
+    n_window: int = 200  # a chunk is 2 * n_window mel frames
+    conv_chunksize: int = 64  # chunks per encoder mini-batch upstream; does not change results
+    deepstack_encoder_layer_indexes: list[int] = field(default_factory=lambda: [8, 16, 24])
+
+    @property
+    def chunk_frames(self) -> int:
+        return 2 * self.n_window
+
+    @property
+    def has_out_proj(self) -> bool:
+        return self.output_dim != self.d_model
+
+
+@dataclass
+class LanguageConfig:
+    hidden_size: int = 2560
+    intermediate_size: int = 9728
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    vocab_size: int = 151936
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 40960
+
+
+@dataclass
+class MossAudioConfig:
+    audio: AudioConfig
+    language: LanguageConfig
+    adapter_hidden_size: int = 8192
+    deepstack_num_inject_layers: int | None = None
+    tie_word_embeddings: bool = False
+
+    @property
+    def num_deepstack(self) -> int:
+        """Mergers / injected layers: taps, capped by deepstack_num_inject_layers."""
+        k = len(self.audio.deepstack_encoder_layer_indexes)
+        if self.deepstack_num_inject_layers is not None:
+            k = min(k, int(self.deepstack_num_inject_layers))
+        return k
+
+    def to_hf_dict(self) -> dict:
+        """config.json content in the upstream layout."""
+        language = asdict(self.language)
+        language.update(model_type="qwen3", attention_bias=False, hidden_act="silu",
+                        tie_word_embeddings=self.tie_word_embeddings)
+        audio = asdict(self.audio)
+        audio.update(activation_function="gelu", downsample_rate=8)
+        return {
+            "model_type": "moss_audio",
+            "architectures": ["MossAudioModel"],
+            "audio_config": audio,
+            "language_config": language,
+            "adapter_hidden_size": self.adapter_hidden_size,
+            "deepstack_num_inject_layers": self.deepstack_num_inject_layers,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "vocab_size": self.language.vocab_size,
+        }
+
+
+def _pick(cls, values: dict, where: str):
+    """Build a dataclass from the keys it knows; other upstream keys are ignored."""
+    known = {f.name for f in fields(cls)}
+    try:
+        return cls(**{k: v for k, v in values.items() if k in known})
+    except TypeError as err:
+        raise MossEdgeError(f"bad {where} in config.json: {err}") from None
+
+
+def parse_config(raw: dict) -> MossAudioConfig:
+    if raw.get("model_type") != "moss_audio":
+        raise MossEdgeError(
+            f"config.json has model_type {raw.get('model_type')!r}; expected 'moss_audio' "
+            "(a MOSS-Audio checkpoint in Hugging Face layout)"
+        )
+    audio = _pick(AudioConfig, raw.get("audio_config") or {}, "audio_config")
+    language = _pick(LanguageConfig, raw.get("language_config") or {}, "language_config")
+    if language.head_dim is None:
+        language.head_dim = language.hidden_size // language.num_attention_heads
+    tie = bool(raw.get("tie_word_embeddings", False))
+    if tie:
+        raise MossEdgeError("tie_word_embeddings=true is not a MOSS-Audio layout this tool supports")
+    cfg = MossAudioConfig(
+        audio=audio,
+        language=language,
+        adapter_hidden_size=int(raw.get("adapter_hidden_size", 8192)),
+        deepstack_num_inject_layers=raw.get("deepstack_num_inject_layers"),
+    )
+    if cfg.num_deepstack > language.num_hidden_layers:
+        raise MossEdgeError("more DeepStack injections than decoder layers in config.json")
+    bad = [i for i in audio.deepstack_encoder_layer_indexes if not 0 <= i < audio.encoder_layers]
+    if bad:
+        raise MossEdgeError(f"deepstack_encoder_layer_indexes {bad} outside 0..{audio.encoder_layers - 1}")
+    return cfg
+
+
+def load_config(checkpoint_dir: str | Path) -> MossAudioConfig:
+    path = Path(checkpoint_dir)
+    if not path.is_dir():
+        raise MossEdgeError(f"checkpoint directory not found: {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise MossEdgeError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise MossEdgeError(f"{config_file} is not valid JSON: {err}") from None
+    return parse_config(raw)

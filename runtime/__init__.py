@@ -1,0 +1,1 @@
+"""The device-side runtime: numpy, soundfile, tokenizers and onnxruntime/tensorrt only."""

@@ -1,0 +1,166 @@
+"""Prompt building: the chat template, audio spans with time markers, the tokenizer.
+
+A clip of N audio tokens (12.5 per second) becomes `audio_bos, A.., marker, A.., audio_eos`,
+where a marker is the digit tokens of the second (2, 4, 6, ...) placed after every 25 tokens.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken
+
+from moss_edge.runtime.errors import MossEdgeError
+
+TOKENS_PER_SECOND = 12.5
+MARKER_EVERY_SECONDS = 2
+AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+# Qwen2/Qwen3 pre-tokenizer split, used when a checkpoint ships vocab.json + merges.txt only.
+_QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass
+class TokenIds:
+    """The ids the runtime needs; upstream defaults, overridden by the checkpoint's files."""
+
+    audio_token: int = 151654
+    audio_start: int = 151669
+    audio_end: int = 151670
+    stop: list[int] = field(default_factory=lambda: [151645, 151643])
+    digits: list[int] = field(default_factory=lambda: list(range(15, 25)))
+    time_markers: bool = True
+
+
+def read_token_ids(checkpoint_dir: str | Path) -> TokenIds:
+    """Ids from processor_config.json and generation_config.json, upstream defaults otherwise."""
+    root = Path(checkpoint_dir)
+    ids = TokenIds()
+    proc = _read_json(root / "processor_config.json")
+    ids.audio_token = int(proc.get("audio_token_id", ids.audio_token))
+    ids.audio_start = int(proc.get("audio_start_id", ids.audio_start))
+    ids.audio_end = int(proc.get("audio_end_id", ids.audio_end))
+    ids.time_markers = bool(proc.get("enable_time_marker", ids.time_markers))
+    if "digit_token_ids" in proc:
+        ids.digits = [int(proc["digit_token_ids"][str(d)]) for d in range(10)]
+    gen = _read_json(root / "generation_config.json")
+    eos = gen.get("eos_token_id")
+    if eos is not None:
+        eos = eos if isinstance(eos, list) else [eos]
+        ids.stop = list(dict.fromkeys([int(e) for e in eos] + ids.stop))
+    return ids
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MossEdgeError(f"{path} is not valid JSON: {err}") from None
+
+
+def audio_span(n_tokens: int, ids: TokenIds) -> list[int]:
+    """The ids between audio_bos and audio_eos for a clip of n_tokens audio tokens."""
+    if not ids.time_markers:
+        return [ids.audio_token] * n_tokens
+    per_marker = int(TOKENS_PER_SECOND * MARKER_EVERY_SECONDS)
+    out, used = [], 0
+    for second in range(MARKER_EVERY_SECONDS, int(n_tokens / TOKENS_PER_SECOND) + 1, MARKER_EVERY_SECONDS):
+        upto = second // MARKER_EVERY_SECONDS * per_marker
+        out += [ids.audio_token] * (upto - used)
+        used = upto
+        out += [ids.digits[int(d)] for d in str(second)]
+    return out + [ids.audio_token] * (n_tokens - used)
+
+
+def expand_audio_spans(prompt_ids: list[int], clip_tokens: list[int], ids: TokenIds) -> list[int]:
+    """Replace the content of each audio_bos ... audio_eos span with the clip's audio span.
+
+    A prompt given as explicit ids marks each clip with audio_bos, audio_eos (anything between
+    them is replaced), one span per clip in order.
+    """
+    out, clip = [], 0
+    i = 0
+    while i < len(prompt_ids):
+        tok = prompt_ids[i]
+        if tok != ids.audio_start:
+            if tok == ids.audio_end:
+                raise MossEdgeError(f"prompt ids have audio_end ({ids.audio_end}) without audio_start at {i}")
+            out.append(tok)
+            i += 1
+            continue
+        try:
+            end = prompt_ids.index(ids.audio_end, i + 1)
+        except ValueError:
+            raise MossEdgeError(f"prompt ids open an audio span at {i} ({ids.audio_start}) and never close it") from None
+        if clip >= len(clip_tokens):
+            raise MossEdgeError(f"prompt has more audio spans than the {len(clip_tokens)} clip(s) given")
+        out += [ids.audio_start, *audio_span(clip_tokens[clip], ids), ids.audio_end]
+        clip += 1
+        i = end + 1
+    if clip != len(clip_tokens):
+        raise MossEdgeError(f"prompt has {clip} audio span(s) but {len(clip_tokens)} clip(s) were given")
+    return out
+
+
+class TextTokenizer:
+    """The checkpoint's tokenizer through the `tokenizers` library (no transformers)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_dir(cls, root: str | Path) -> "TextTokenizer":
+        root = Path(root)
+        if (root / "tokenizer.json").is_file():
+            return cls(Tokenizer.from_file(str(root / "tokenizer.json")))
+        if (root / "vocab.json").is_file() and (root / "merges.txt").is_file():
+            return cls(_tokenizer_from_vocab_merges(root))
+        raise MossEdgeError(
+            f"{root} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); "
+            "give the prompt as token ids instead"
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
+
+
+def _tokenizer_from_vocab_merges(root: Path) -> Tokenizer:
+    tok = Tokenizer(models.BPE.from_file(str(root / "vocab.json"), str(root / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    config = _read_json(root / "tokenizer_config.json")
+    added = sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0]))
+    tok.add_special_tokens([AddedToken(v["content"], special=True) for _, v in added if v.get("special", True)])
+    return tok
+
+
+def chat_prompt_ids(tokenizer: TextTokenizer, question: str, clip_tokens: list[int], ids: TokenIds,
+                    system: str = DEFAULT_SYSTEM) -> list[int]:
+    """Token ids of the upstream chat prompt with one audio span per clip.
+
+    If the question holds `<|audio_bos|><|AUDIO|><|audio_eos|>` placeholders (one per clip),
+    the spans go there; otherwise all clips go before the question, as upstream does.
+    """
+    if AUDIO_PLACEHOLDER not in question:
+        question = AUDIO_PLACEHOLDER * len(clip_tokens) + ("\n" if clip_tokens else "") + question
+    text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    pieces = text.split(AUDIO_PLACEHOLDER)
+    prompt = []
+    for i, piece in enumerate(pieces):
+        if piece:
+            prompt += tokenizer.encode(piece)
+        if i < len(pieces) - 1:
+            prompt += [ids.audio_start, ids.audio_end]
+    return expand_audio_spans(prompt, clip_tokens, ids)
