@@ -48,10 +48,11 @@ def read_token_ids(checkpoint_dir: str | Path) -> TokenIds:
     if "digit_token_ids" in proc:
         ids.digits = [int(proc["digit_token_ids"][str(d)]) for d in range(10)]
     gen = _read_json(root / "generation_config.json")
-    eos = gen.get("eos_token_id")
-    if eos is not None:
-        eos = eos if isinstance(eos, list) else [eos]
-        ids.stop = list(dict.fromkeys([int(e) for e in eos] + ids.stop))
+    if "eos_token_id" in gen:
+        # Qwen's bos is <|endoftext|>, which also ends a generation.
+        stop = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+        stop += [gen["bos_token_id"]] if "bos_token_id" in gen else []
+        ids.stop = list(dict.fromkeys(int(t) for t in stop))
     return ids
 
 

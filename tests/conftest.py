@@ -1,0 +1,34 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moss_edge import bundled_audio
+from moss_edge.runtime.prompt import TokenIds
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny-moss-audio"
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    """The tiny checkpoint written by upstream code and the outputs it recorded."""
+    ref = json.loads((FIXTURE / "reference.json").read_text())
+    ids = TokenIds(audio_token=ref["ids"]["audio_token_id"], audio_start=ref["ids"]["audio_start_id"],
+                   audio_end=ref["ids"]["audio_end_id"], stop=[1003])
+    return {"checkpoint": FIXTURE / "checkpoint", "npz": dict(np.load(FIXTURE / "reference.npz")),
+            "json": ref, "ids": ids, "audio": bundled_audio(ref["audio"])}
+
+
+@pytest.fixture(scope="session")
+def synthetic_checkpoint(tmp_path_factory):
+    """bf16, sharded, out_proj present, num_heads * head_dim != hidden, 2 of 3 taps injected."""
+    from moss_edge.export.synthetic import preset, write_synthetic_checkpoint
+
+    return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-bf16", preset("tiny"),
+                                      dtype="bf16", shard_mb=0)
+
+
+def rel_err(x, ref) -> float:
+    """max-abs error relative to the reference's max-abs."""
+    return float(np.abs(np.asarray(x, np.float64) - ref).max() / np.abs(ref).max())
