@@ -1,0 +1,197 @@
+"""Export the reference model as three ONNX graphs and write an artifact directory.
+
+encoder.onnx   mel chunks [n, mels, T], frames [n] -> audio_tokens [n, T', D], taps [n_taps, n, T', D]
+adapter.onnx   audio_tokens [n, D], taps [n_taps, n, D] -> audio_embeds [n, H], deepstack_embeds [K, n, H]
+decoder.onnx   input_ids, position_ids [b, s], audio_embeds [b, s, H], deepstack_embeds [K, b, s, H],
+               past_key_i / past_value_i [b, kv, p, hd] -> logits [b, vocab] (last position only),
+               present_key_i / present_value_i [b, kv, p + s, hd]
+One decoder graph serves prefill and decode; DeepStack and audio embeddings are inputs that are
+zero off the audio positions (and in decode steps), so there is no control flow in the graph.
+"""
+
+import contextlib
+import hashlib
+import io
+import logging
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from moss_edge import __version__
+from moss_edge.export.checkpoint import load_model, tensor_files
+from moss_edge.export.config import load_config
+from moss_edge.export.model import MossAudio
+from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, sha256_file
+from moss_edge.runtime.prompt import TokenIds, read_token_ids
+
+OPSET = 21
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+ONNX_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+              onnx.TensorProto.INT64: "int64", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: MossAudio):
+        super().__init__()
+        self.encoder = model.audio_encoder
+
+    def forward(self, mel, frames):
+        return self.encoder(mel, frames)
+
+
+class AdapterGraph(nn.Module):
+    def __init__(self, model: MossAudio):
+        super().__init__()
+        self.model = model
+
+    def forward(self, audio_tokens, taps):
+        return self.model.adapt(audio_tokens, taps)
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, model: MossAudio, audio_token: int):
+        super().__init__()
+        self.model = model
+        self.audio_token = audio_token
+
+    def forward(self, input_ids, position_ids, audio_embeds, deepstack_embeds, past):
+        lm = self.model.language_model
+        embeds = lm.embed_tokens(input_ids)
+        embeds = torch.where((input_ids == self.audio_token)[..., None], audio_embeds.to(embeds.dtype), embeds)
+        hidden, keys, values = lm(embeds, position_ids, list(past[0::2]), list(past[1::2]), deepstack_embeds)
+        logits = self.model.lm_head(hidden[:, -1]).float()
+        return (logits, *[t for kv in zip(keys, values) for t in kv])
+
+
+def _export(module: nn.Module, args: tuple, dynamic_shapes, inputs: list[str], outputs: list[str],
+            path: Path, opset: int) -> None:
+    chatter = io.StringIO()  # the exporter prints its progress; show it only if it fails
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, args, dynamic_shapes=dynamic_shapes, input_names=inputs,
+                                        output_names=outputs, opset_version=opset, dynamo=True, verbose=False)
+    except Exception:
+        print(chatter.getvalue())
+        raise
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    program.save(str(path), external_data=size > 1 << 30)  # protobuf caps a file at 2 GB
+
+
+def export_graphs(model: MossAudio, audio_token: int, out: Path, opset: int = OPSET) -> None:
+    cfg = model.cfg
+    a, lang = cfg.audio, cfg.language
+    dtype = model.lm_head.weight.dtype
+    n, t = torch.export.Dim("chunks"), torch.export.Dim("frames", max=a.chunk_frames)
+    _export(EncoderGraph(model), (torch.randn(2, a.num_mel_bins, a.chunk_frames, dtype=dtype), torch.tensor([a.chunk_frames, 200])),
+            ({0: n, 2: t}, {0: n}), ["mel", "frames"], ["audio_tokens", "taps"], out / "encoder.onnx", opset)
+
+    tok = torch.export.Dim("tokens")
+    n_taps = len(a.deepstack_encoder_layer_indexes)
+    _export(AdapterGraph(model), (torch.randn(7, a.output_dim, dtype=dtype), torch.randn(n_taps, 7, a.output_dim, dtype=dtype)),
+            ({0: tok}, {1: tok}), ["audio_tokens", "taps"], ["audio_embeds", "deepstack_embeds"], out / "adapter.onnx", opset)
+
+    b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    layers, h = lang.num_hidden_layers, lang.hidden_size
+    past = tuple(torch.zeros(2, lang.num_key_value_heads, 3, lang.head_dim, dtype=dtype) for _ in range(2 * layers))
+    args = (torch.zeros(2, 5, dtype=torch.long), torch.arange(5).repeat(2, 1), torch.zeros(2, 5, h, dtype=dtype),
+            torch.zeros(cfg.num_deepstack, 2, 5, h, dtype=dtype), past)
+    shapes = ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {1: b, 2: s}, tuple({0: b, 2: p} for _ in past))
+    cache = [f"{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    _export(DecoderGraph(model, audio_token), args, shapes,
+            ["input_ids", "position_ids", "audio_embeds", "deepstack_embeds", *[f"past_{c}" for c in cache]],
+            ["logits", *[f"present_{c}" for c in cache]], out / "decoder.onnx", opset)
+
+
+def _io(values) -> list[dict]:
+    return [{"name": v.name, "dtype": ONNX_TYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
+             "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+
+def graph_entry(root: Path, name: str, precision: str) -> dict:
+    """Manifest entry of root/name.onnx: its files with sha256 (external data too), opset, IO."""
+    path = root / f"{name}.onnx"
+    proto = onnx.load(str(path), load_external_data=False)
+    files = [path.name]
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location" and entry.value not in files:
+                files.append(entry.value)
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return {"file": path.name, "files": {f: sha256_file(root / f) for f in files}, "precision": precision,
+            "opset": opset, "inputs": _io(proto.graph.input), "outputs": _io(proto.graph.output)}
+
+
+def checkpoint_hash(checkpoint_dir: Path) -> str:
+    """sha256 over config.json and the weight files, in name order."""
+    digest = hashlib.sha256()
+    for path in [checkpoint_dir / "config.json", *sorted(set(tensor_files(checkpoint_dir).values()))]:
+        digest.update(path.name.encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def model_sizes(model: MossAudio) -> dict:
+    cfg = model.cfg
+    return {"hidden_size": cfg.language.hidden_size, "num_hidden_layers": cfg.language.num_hidden_layers,
+            "num_key_value_heads": cfg.language.num_key_value_heads, "head_dim": cfg.language.head_dim,
+            "vocab_size": cfg.language.vocab_size, "num_deepstack": cfg.num_deepstack,
+            "num_taps": len(cfg.audio.deepstack_encoder_layer_indexes), "chunk_frames": cfg.audio.chunk_frames,
+            "conv_chunksize": cfg.audio.conv_chunksize, "audio_dim": cfg.audio.output_dim}
+
+
+def write_artifact(tmp: Path, out: Path, manifest: dict) -> Path:
+    """Write manifest.json into tmp, then move tmp to out in one rename."""
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if out.exists():
+        raise FileExistsError(f"{out} already exists")
+    tmp.rename(out)
+    return out
+
+
+def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int = OPSET, verify_steps: int = 16,
+                    token_ids: TokenIds | None = None, log=print) -> Path:
+    """Checkpoint -> fp32 artifact, with the parity report against the PyTorch model inside.
+
+    token_ids overrides what the checkpoint's processor/generation configs say."""
+    from moss_edge.export.verify import verify_artifact
+
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists")
+    cfg = load_config(checkpoint_dir)
+    ids = token_ids or read_token_ids(checkpoint_dir)
+    log(f"loading {checkpoint_dir}")
+    model = load_model(checkpoint_dir, torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        log("exporting encoder, adapter and decoder to ONNX")
+        export_graphs(model, ids.audio_token, tmp, opset)
+        tokenizer_files = [f for f in TOKENIZER_FILES if (checkpoint_dir / f).is_file()]
+        for f in tokenizer_files:
+            shutil.copy(checkpoint_dir / f, tmp / f)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"moss-audio-edge {__version__}",
+            "source": {"checkpoint": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)},
+            "config": cfg.to_hf_dict(), "model": model_sizes(model),
+            "graphs": {g: graph_entry(tmp, g, "fp32") for g in ("encoder", "adapter", "decoder")},
+            "token_ids": vars(ids), "tokenizer_files": tokenizer_files, "backends": {"cpu": "fp32", "cuda": "fp32", "tensorrt": "fp32"},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        log("checking parity against the PyTorch model")
+        report = verify_artifact(tmp, model, ids, steps=verify_steps)
+        manifest["parity"] = report["summary"]
+        (tmp / "parity.json").write_text(json.dumps(report, indent=2))
+        manifest["parity_report"] = "parity.json"
+        return write_artifact(tmp, out, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,147 @@
+"""Parity of an artifact with the PyTorch reference: per graph, per decode step, end to end."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moss_edge import bundled_audio
+from moss_edge.export.checkpoint import load_model
+from moss_edge.export.model import MossAudio
+from moss_edge.export.reference import ReferencePipeline
+from moss_edge.runtime.audio import load_audio, log_mel
+from moss_edge.runtime.generation import generate_tokens
+from moss_edge.runtime.pipeline import Pipeline
+from moss_edge.runtime.prompt import TokenIds, read_token_ids
+from moss_edge.runtime.sampling import SamplingOptions
+
+# Per precision: worst graph-output cosine, relative error (fp32 only), mean / max KL of the
+# next-token distributions, top-1 agreement off near-ties, greedy prefix match.
+THRESHOLDS = {
+    "fp32": {"cosine": 0.99999, "rel": 1e-3, "kl_mean": 1e-5, "top1": 1.0, "greedy": 1.0},
+    "fp16": {"cosine": 0.999, "rel": None, "kl_mean": 1e-3, "top1": 0.95, "greedy": 0.5},
+    "int8": {"cosine": 0.99, "rel": None, "kl_mean": 0.05, "top1": 0.9, "greedy": 0.25},
+    "int4": {"cosine": 0.98, "rel": None, "kl_mean": 0.1, "top1": 0.8, "greedy": 0.1},
+}
+ORDER = ["fp32", "fp16", "int8", "int4"]
+
+
+def compare(x: np.ndarray, ref: np.ndarray) -> dict:
+    x, ref = np.asarray(x, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
+    max_abs = float(np.abs(x - ref).max()) if x.size else 0.0
+    denom = float(np.linalg.norm(x) * np.linalg.norm(ref))
+    return {"max_abs": max_abs, "rel": max_abs / max(float(np.abs(ref).max()), 1e-30),
+            "cosine": float(x @ ref / denom) if denom else 1.0}
+
+
+def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    def log_softmax(z):
+        z = np.asarray(z, np.float64) - np.max(z)
+        return z - np.log(np.exp(z).sum())
+    lp, lq = log_softmax(ref_logits), log_softmax(logits)
+    return float(np.sum(np.exp(lp) * (lp - lq)))
+
+
+def _reference_steps(ref: ReferencePipeline, prompt: list[int], audio, steps: int):
+    """Greedy tokens of the reference (no stop ids) and its logits before each of them."""
+    logits, past = ref.forward(prompt, audio)
+    tokens, all_logits = [], [logits]
+    for i in range(steps):
+        tokens.append(int(np.argmax(logits)))
+        if i + 1 < steps:
+            logits, past = ref.forward([tokens[-1]], None, past)
+            all_logits.append(logits)
+    return tokens, all_logits
+
+
+def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path, ids: TokenIds | None = None,
+                    audio: list[str] | None = None, prompt: str | list[int] | None = None, steps: int = 16,
+                    provider: str = "cpu") -> dict:
+    """Compare an artifact with the fp32 PyTorch model; returns the report (see `summary`)."""
+    if not isinstance(reference, MossAudio):
+        ids = ids or read_token_ids(reference)
+        reference = load_model(reference, torch.float32)
+    pipe = Pipeline.load(artifact_dir, provider)
+    ids = ids or pipe.ids
+    pipe.ids = ids
+    ref = ReferencePipeline(reference, ids)
+    audio = audio or [bundled_audio()]
+    mels = [log_mel(load_audio(a)) for a in audio]
+    if prompt is None:
+        prompt = "Describe the audio." if pipe.tokenizer else [ids.audio_start, ids.audio_end] * len(audio)
+    ref_audio = ref.encode(mels)
+    art_audio = pipe.encode(audio)
+    prompt_ids = pipe.prompt_ids(prompt, art_audio.clip_tokens)
+
+    adapter_embeds, adapter_deepstack = pipe.adapter.run(None, {"audio_tokens": ref_audio.tokens, "taps": ref_audio.taps})
+    graphs = {
+        "encoder": {"audio_tokens": compare(art_audio.tokens, ref_audio.tokens), "taps": compare(art_audio.taps, ref_audio.taps)},
+        "adapter": {"audio_embeds": compare(adapter_embeds, ref_audio.embeds),
+                    "deepstack_embeds": compare(adapter_deepstack, ref_audio.deepstack)},
+    }
+    ref_tokens, ref_logits = _reference_steps(ref, prompt_ids, ref_audio, steps)
+    graphs["decoder"] = {"prefill_logits": compare(pipe.prefill(prompt_ids, ref_audio), ref_logits[0])}
+
+    # Teacher-forced on the reference tokens, from the artifact's own audio features.
+    per_step = []
+    art_logits = pipe.prefill(prompt_ids, art_audio)
+    for i, ref_step in enumerate(ref_logits):
+        top2 = np.sort(ref_step)[-2:]
+        err = float(np.abs(art_logits - ref_step).max())
+        per_step.append({"step": i, "kl": kl_divergence(ref_step, art_logits), "max_abs": err,
+                         "top1_agree": bool(np.argmax(art_logits) == np.argmax(ref_step)),
+                         "near_tie": bool(top2[1] - top2[0] < 2 * err)})
+        if i + 1 < len(ref_logits):
+            art_logits = pipe.decoder.step(ref_tokens[i])
+    decided = [s for s in per_step if not s["near_tie"]]
+    art_tokens = list(generate_tokens(lambda: pipe.prefill(prompt_ids, art_audio), pipe.decoder.step,
+                                      SamplingOptions(max_new_tokens=steps), stop_ids=[]))
+    prefix = next((i for i, (a, b) in enumerate(zip(art_tokens, ref_tokens)) if a != b), len(ref_tokens))
+
+    precision = max((g["precision"] for g in pipe.artifact.manifest["graphs"].values()), key=ORDER.index)
+    limits = THRESHOLDS[precision]
+    end_to_end = {
+        "kl_mean": float(np.mean([s["kl"] for s in per_step])), "kl_max": float(max(s["kl"] for s in per_step)),
+        "top1_agreement": (sum(s["top1_agree"] for s in decided) / len(decided)) if decided else 1.0,
+        "near_ties": len(per_step) - len(decided), "greedy_match": prefix / len(ref_tokens),
+        "greedy_reference": ref_tokens, "greedy_artifact": art_tokens,
+    }
+    failures = []
+    for graph, outputs in graphs.items():
+        for name, m in outputs.items():
+            if m["cosine"] < limits["cosine"]:
+                failures.append(f"{graph}.{name} cosine {m['cosine']:.6f} < {limits['cosine']}")
+            if limits["rel"] is not None and m["rel"] > limits["rel"]:
+                failures.append(f"{graph}.{name} relative error {m['rel']:.2e} > {limits['rel']}")
+    if end_to_end["kl_mean"] > limits["kl_mean"]:
+        failures.append(f"mean KL {end_to_end['kl_mean']:.2e} > {limits['kl_mean']}")
+    if end_to_end["top1_agreement"] < limits["top1"]:
+        failures.append(f"top-1 agreement {end_to_end['top1_agreement']:.3f} < {limits['top1']}")
+    if end_to_end["greedy_match"] < limits["greedy"]:
+        failures.append(f"greedy match {end_to_end['greedy_match']:.3f} < {limits['greedy']}")
+    summary = {"passed": not failures, "precision": precision, "steps": steps,
+               "worst_cosine": min(m["cosine"] for o in graphs.values() for m in o.values()),
+               "prefill_logits_rel": graphs["decoder"]["prefill_logits"]["rel"],
+               "kl_mean": end_to_end["kl_mean"], "top1_agreement": end_to_end["top1_agreement"],
+               "greedy_match": end_to_end["greedy_match"], "failures": failures}
+    return {"artifact": str(artifact_dir), "audio": [str(a) for a in audio], "prompt_tokens": len(prompt_ids),
+            "graphs": graphs, "steps": per_step, "end_to_end": end_to_end, "thresholds": limits, "summary": summary}
+
+
+def report_markdown(report: dict) -> str:
+    s = report["summary"]
+    lines = [f"# Parity report: {report['artifact']}", "",
+             f"**{'PASSED' if s['passed'] else 'FAILED'}** at {s['precision']} thresholds "
+             f"({report['prompt_tokens']} prompt tokens, {s['steps']} steps, audio: {', '.join(Path(a).name for a in report['audio'])})", "",
+             "| graph | output | max abs | relative | cosine |", "|---|---|---|---|---|"]
+    for graph, outputs in report["graphs"].items():
+        for name, m in outputs.items():
+            lines.append(f"| {graph} | {name} | {m['max_abs']:.3e} | {m['rel']:.3e} | {m['cosine']:.7f} |")
+    e = report["end_to_end"]
+    lines += ["", "| end to end | value |", "|---|---|",
+              f"| mean KL / max KL | {e['kl_mean']:.3e} / {e['kl_max']:.3e} |",
+              f"| top-1 agreement (off near-ties) | {e['top1_agreement']:.3f} ({e['near_ties']} near-ties) |",
+              f"| greedy prefix match | {e['greedy_match']:.3f} |"]
+    if s["failures"]:
+        lines += ["", "Failures:", *[f"- {f}" for f in s["failures"]]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,84 @@
+"""An artifact directory: ONNX graphs, tokenizer files and manifest.json describing them.
+
+The manifest records each graph's files with sha256, precision, opset and IO; the runtime
+checks them at load so a damaged or mixed-up artifact fails with a clear message.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.prompt import TokenIds
+
+FORMAT = "moss-edge-artifact"
+FORMAT_VERSION = 1
+GRAPHS = ("encoder", "adapter", "decoder")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Artifact:
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def load(cls, root: str | Path, check_hashes: bool = True) -> "Artifact":
+        root = Path(root)
+        if not root.is_dir():
+            raise MossEdgeError(f"artifact not found: {root} (make one with `moss-edge export CHECKPOINT -o {root}`)")
+        path = root / "manifest.json"
+        if not path.is_file():
+            raise MossEdgeError(f"{root} has no manifest.json; is it a moss-edge artifact?")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise MossEdgeError(f"{path} is corrupted (not valid JSON: {err}); export the artifact again") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise MossEdgeError(f"{path} is not a moss-edge manifest")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise MossEdgeError(
+                f"{root} has artifact format version {manifest.get('format_version')}; this runtime reads "
+                f"version {FORMAT_VERSION}: export it again with this version of moss-edge"
+            )
+        missing = [g for g in GRAPHS if g not in manifest.get("graphs", {})]
+        if missing:
+            raise MossEdgeError(f"{path} names no {', '.join(missing)} graph")
+        artifact = cls(root, manifest)
+        artifact.check_files(check_hashes)
+        return artifact
+
+    def check_files(self, check_hashes: bool) -> None:
+        for name, graph in self.manifest["graphs"].items():
+            for file, digest in graph["files"].items():
+                path = self.root / file
+                if not path.is_file():
+                    raise MossEdgeError(f"artifact {self.root} is missing {file} ({name} graph)")
+                if check_hashes and sha256_file(path) != digest:
+                    raise MossEdgeError(
+                        f"{path} does not match its sha256 in manifest.json: the file was changed or "
+                        "damaged; export or copy the artifact again"
+                    )
+        for file in self.manifest.get("tokenizer_files", []):
+            if not (self.root / file).is_file():
+                raise MossEdgeError(f"artifact {self.root} is missing tokenizer file {file}")
+
+    def graph_path(self, name: str) -> Path:
+        return self.root / self.manifest["graphs"][name]["file"]
+
+    @property
+    def token_ids(self) -> TokenIds:
+        return TokenIds(**self.manifest["token_ids"])
+
+    @property
+    def model(self) -> dict:
+        """Sizes the runtime needs: hidden, layers, kv heads, head_dim, deepstack, chunk frames."""
+        return self.manifest["model"]

@@ -1,0 +1,201 @@
+"""The device-side pipeline: audio -> encoder -> adapter -> prompt -> decoder loop, on ONNX Runtime."""
+
+import io
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from moss_edge.runtime.artifact import Artifact
+from moss_edge.runtime.audio import SAMPLE_RATE, chunk_mels, load_audio, log_mel, prepare_waveform
+from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.generation import generate_tokens, place_audio, stream_text
+from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids, expand_audio_spans
+from moss_edge.runtime.sampling import SamplingOptions, split_thinking
+from moss_edge.runtime.session import make_session
+
+AudioInput = str | Path | bytes | tuple[np.ndarray, int] | np.ndarray
+
+
+@dataclass
+class AudioFeatures:
+    tokens: np.ndarray  # [n, out_dim] encoder output, valid tokens of all chunks in order
+    taps: np.ndarray  # [n_taps, n, out_dim]
+    embeds: np.ndarray  # [n, hidden] adapter output
+    deepstack: np.ndarray  # [K, n, hidden] merger outputs
+    clip_tokens: list[int]
+
+
+@dataclass
+class Result:
+    text: str
+    thinking: str
+    tokens: list[int]
+    prompt_tokens: int
+    timings: dict = field(default_factory=dict)
+
+
+def to_waveform(audio: AudioInput) -> np.ndarray:
+    """A path, encoded bytes, (samples, rate), or samples already at 16 kHz -> mono 16 kHz."""
+    if isinstance(audio, (str, Path)):
+        return load_audio(audio)
+    if isinstance(audio, bytes):
+        try:
+            samples, rate = sf.read(io.BytesIO(audio), dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+            raise MossEdgeError(f"cannot decode the audio bytes ({err})") from None
+        return prepare_waveform(samples, rate)
+    if isinstance(audio, tuple) and len(audio) == 2:
+        return prepare_waveform(audio[0], audio[1])
+    if isinstance(audio, np.ndarray):
+        return prepare_waveform(audio, SAMPLE_RATE)
+    raise MossEdgeError(f"audio must be a path, bytes, (samples, rate) or a 16 kHz array; got {type(audio).__name__}")
+
+
+class DecoderRunner:
+    """Runs decoder.onnx with its KV cache kept as ONNX Runtime values between steps
+    (IO binding), so the cache never round-trips through numpy."""
+
+    def __init__(self, session, model: dict):
+        self.session = session
+        self.model = model
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.cache_names = [n for n in (i.name for i in session.get_inputs()) if n.startswith("past_")]
+        past_type = next(i.type for i in session.get_inputs() if i.name.startswith("past_"))
+        self.cache_dtype = np.float16 if "float16" in past_type else np.float32
+        self.embed_dtype = np.float16 if "float16" in next(i.type for i in session.get_inputs() if i.name == "audio_embeds") else np.float32
+        self.past = None
+        self.length = 0
+        h, k = model["hidden_size"], model["num_deepstack"]
+        self.step_audio = np.zeros((1, 1, h), self.embed_dtype)
+        self.step_deepstack = np.zeros((k, 1, 1, h), self.embed_dtype)
+
+    def _run(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray, past) -> np.ndarray:
+        binding = self.session.io_binding()
+        positions = np.arange(self.length, self.length + ids.shape[1], dtype=np.int64)[None]
+        for name, value in (("input_ids", ids), ("position_ids", positions), ("audio_embeds", audio),
+                            ("deepstack_embeds", deepstack)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in zip(self.cache_names, past):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.past = outputs[1:]
+        self.length += ids.shape[1]
+        return outputs[0].numpy()[0]
+
+    def prefill(self, prompt_ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
+        m = self.model
+        empty = np.zeros((1, m["num_key_value_heads"], 0, m["head_dim"]), self.cache_dtype)
+        self.length = 0
+        return self._run(np.array([prompt_ids], np.int64), audio[None].astype(self.embed_dtype),
+                         deepstack[:, None].astype(self.embed_dtype), [empty] * len(self.cache_names))
+
+    def step(self, token: int) -> np.ndarray:
+        return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack, self.past)
+
+
+class Pipeline:
+    """A loaded artifact. One request at a time: the decoder's KV cache is per pipeline, so
+    concurrent calls are serialised by a lock; load one Pipeline per worker for parallelism."""
+
+    def __init__(self, artifact: Artifact, provider: str = "cpu", threads: int | None = None):
+        import threading
+
+        self.artifact = artifact
+        self.ids = artifact.token_ids
+        self.model = artifact.model
+        cache = artifact.root / "trt_cache"
+        self.encoder = make_session(artifact.graph_path("encoder"), provider, threads, cache)
+        self.adapter = make_session(artifact.graph_path("adapter"), provider, threads, cache)
+        self.decoder = DecoderRunner(make_session(artifact.graph_path("decoder"), provider, threads, cache), self.model)
+        files = artifact.manifest.get("tokenizer_files", [])
+        self.tokenizer = TextTokenizer.from_dir(artifact.root) if files else None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
+             check_hashes: bool = True) -> "Pipeline":
+        return cls(Artifact.load(artifact_dir, check_hashes), provider, threads)
+
+    def encode(self, clips: list[AudioInput]) -> AudioFeatures:
+        if not clips:
+            raise MossEdgeError("give at least one audio clip")
+        mels = [log_mel(to_waveform(c)) for c in clips]
+        batch = chunk_mels(mels, self.model["chunk_frames"])
+        tokens, taps = [], []
+        step = self.model["conv_chunksize"]  # bounded memory on long clips
+        for start in range(0, len(batch.frames), step):
+            t, p = self.encoder.run(None, {"mel": batch.mel[start : start + step], "frames": batch.frames[start : start + step]})
+            valid = np.arange(t.shape[1])[None, :] < batch.tokens[start : start + step, None]
+            tokens.append(t[valid])
+            taps.append(p[:, valid])
+        tokens, taps = np.concatenate(tokens), np.concatenate(taps, axis=1)
+        embeds, deepstack = self.adapter.run(None, {"audio_tokens": tokens, "taps": taps})
+        return AudioFeatures(tokens, taps, embeds, deepstack, batch.clip_tokens)
+
+    def prompt_ids(self, prompt: str | list[int], clip_tokens: list[int]) -> list[int]:
+        """Text goes through the chat template; a list of ids marks each clip with
+        audio_bos, audio_eos and is expanded as is (custom templates, exact tests)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise MossEdgeError("this artifact has no tokenizer; give the prompt as token ids")
+            return chat_prompt_ids(self.tokenizer, prompt, clip_tokens, self.ids)
+        return expand_audio_spans([int(t) for t in prompt], clip_tokens, self.ids)
+
+    def prefill(self, prompt_ids: list[int], audio: AudioFeatures) -> np.ndarray:
+        """Run the prompt; returns the last position's logits and leaves the cache filled."""
+        embeds = place_audio(prompt_ids, self.ids.audio_token, audio.embeds)
+        deepstack = place_audio(prompt_ids, self.ids.audio_token, audio.deepstack)
+        return self.decoder.prefill(prompt_ids, embeds, deepstack)
+
+    def _tokens(self, prompt_ids, features, opts, timings) -> Iterator[int]:
+        start = time.perf_counter()
+        first = {}
+
+        def prefill():
+            logits = self.prefill(prompt_ids, features)
+            first["t"] = time.perf_counter()
+            timings["prefill_s"] = first["t"] - start
+            return logits
+
+        n = 0
+        for n, token in enumerate(generate_tokens(prefill, self.decoder.step, opts, self.ids.stop), 1):
+            yield token
+        if n > 1:
+            timings["decode_ms_per_token"] = (time.perf_counter() - first["t"]) * 1000 / (n - 1)
+
+    def stream(self, audio: AudioInput | list[AudioInput], prompt: str | list[int],
+               opts: SamplingOptions | None = None, **sampling) -> Iterator[str]:
+        """Yield text pieces as they are generated."""
+        with self._lock:
+            clips = audio if isinstance(audio, list) else [audio]
+            features = self.encode(clips)
+            ids = self.prompt_ids(prompt, features.clip_tokens)
+            opts = opts or SamplingOptions(**sampling)
+            yield from stream_text(self._decode, self._tokens(ids, features, opts, {}))
+
+    def generate(self, audio: AudioInput | list[AudioInput], prompt: str | list[int],
+                 opts: SamplingOptions | None = None, **sampling) -> Result:
+        with self._lock:
+            timings = {}
+            start = time.perf_counter()
+            clips = audio if isinstance(audio, list) else [audio]
+            features = self.encode(clips)
+            timings["encode_s"] = time.perf_counter() - start
+            ids = self.prompt_ids(prompt, features.clip_tokens)
+            tokens = list(self._tokens(ids, features, opts or SamplingOptions(**sampling), timings))
+            text = self._decode(tokens)
+            thinking, answer = split_thinking(text)
+            return Result(answer, thinking, tokens, len(ids), timings)
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens) if self.tokenizer else ""
