@@ -1,6 +1,7 @@
 """The `moss-edge` command line."""
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -48,6 +49,96 @@ def cmd_demo(args) -> None:
     print()
 
 
+def cmd_export(args) -> None:
+    from moss_edge.export.onnx_export import export_artifact
+
+    out = export_artifact(args.checkpoint, args.output, opset=args.opset, verify_steps=args.verify_steps,
+                          log=lambda m: print(m, file=sys.stderr))
+    _print_summary(json.loads((out / "manifest.json").read_text())["parity"])
+    print(f"wrote {out}")
+
+
+def _print_summary(summary: dict) -> None:
+    state = "passed" if summary["passed"] else "FAILED"
+    print(f"parity {state} ({summary['precision']}): worst cosine {summary['worst_cosine']:.6f}, "
+          f"prefill logits rel. error {summary['prefill_logits_rel']:.2e}, mean KL {summary['kl_mean']:.2e}, "
+          f"top-1 {summary['top1_agreement']:.3f}, greedy match {summary['greedy_match']:.3f}")
+    for failure in summary["failures"]:
+        print(f"  - {failure}")
+
+
+def _sampling(args):
+    from moss_edge.runtime.sampling import SamplingOptions
+
+    return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed)
+
+
+def _prompt(args):
+    if args.prompt_ids is not None:
+        try:
+            return [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise MossEdgeError("--prompt-ids takes integers separated by commas or spaces") from None
+    return args.prompt
+
+
+def cmd_run(args) -> None:
+    from moss_edge.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.artifact, provider=args.provider, threads=args.threads)
+    opts = _sampling(args)
+    if args.stream and not args.json:
+        for piece in pipe.stream(args.audio, _prompt(args), opts):
+            print(piece, end="", flush=True)
+        print()
+        return
+    result = pipe.generate(args.audio, _prompt(args), opts)
+    if args.json:
+        print(json.dumps({"text": result.text, "thinking": result.thinking, "tokens": result.tokens,
+                          "prompt_tokens": result.prompt_tokens, "timings": result.timings}, indent=2))
+        return
+    if args.show_thinking and result.thinking:
+        print(f"<think>{result.thinking}</think>")
+    print(result.text)
+
+
+def cmd_verify(args) -> None:
+    from moss_edge.export.verify import report_markdown, verify_artifact
+
+    report = verify_artifact(args.artifact, args.reference, audio=args.audio, steps=args.steps, provider=args.provider)
+    markdown = report_markdown(report)
+    for path, text in ((args.json, json.dumps(report, indent=2)), (args.markdown, markdown)):
+        if path:
+            Path(path).write_text(text)
+    print(json.dumps(report["summary"], indent=2) if args.print_json else markdown)
+    if not report["summary"]["passed"]:
+        raise SystemExit(1)
+
+
+def cmd_info(args) -> None:
+    from moss_edge.runtime.artifact import Artifact
+
+    artifact = Artifact.load(args.artifact, check_hashes=not args.no_hash_check)
+    m = artifact.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return
+    print(f"artifact  {artifact.root}  (format {m['format_version']}, {m['created_by']})")
+    print(f"source    {m['source']['checkpoint']}  sha256 {m['source']['sha256'][:16]}...")
+    sizes = m["model"]
+    print(f"model     decoder {sizes['num_hidden_layers']} layers x {sizes['hidden_size']}, vocab {sizes['vocab_size']}, "
+          f"DeepStack {sizes['num_deepstack']}, chunk {sizes['chunk_frames']} frames")
+    print(f"{'graph':<9} {'precision':<10} {'opset':<6} {'MiB':>9}  inputs -> outputs")
+    for name, g in m["graphs"].items():
+        mib = sum((artifact.root / f).stat().st_size for f in g["files"]) / 2**20
+        ins = ", ".join(i["name"] for i in g["inputs"][:4]) + (", ..." if len(g["inputs"]) > 4 else "")
+        outs = ", ".join(o["name"] for o in g["outputs"][:2]) + (", ..." if len(g["outputs"]) > 2 else "")
+        print(f"{name:<9} {g['precision']:<10} {g['opset']:<6} {mib:>9.2f}  {ins} -> {outs}")
+    if "parity" in m:
+        _print_summary(m["parity"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moss-edge", description="Export, quantize and run MOSS-Audio on edge devices.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +160,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-mb", type=int, default=2000, help="shard size in MiB")
     p.set_defaults(func=cmd_synthetic)
+
+    p = sub.add_parser("export", help="split a checkpoint into ONNX graphs (an fp32 artifact)",
+                       epilog="example: moss-edge export MOSS-Audio-4B-Instruct -o moss-4b-fp32")
+    p.add_argument("checkpoint", help="a MOSS-Audio checkpoint folder (Hugging Face layout)")
+    p.add_argument("-o", "--output", required=True, help="the artifact folder to create")
+    p.add_argument("--opset", type=int, default=21)
+    p.add_argument("--verify-steps", type=int, default=16, help="decode steps in the parity check")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="answer a question about audio with an artifact",
+                       epilog='example: moss-edge run moss-4b-int4 --audio talk.wav --prompt "Summarise this." --stream')
+    p.add_argument("artifact")
+    p.add_argument("--audio", action="append", required=True, help="an audio file; repeat for several clips")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="the question (goes through the chat template)")
+    group.add_argument("--prompt-ids", help="explicit token ids; mark each clip with audio_bos, audio_eos")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--show-thinking", action="store_true", help="print a Thinking model's reasoning too")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the cores available)")
+    p.add_argument("--json", action="store_true", help="print text, tokens and timings as JSON")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("verify", help="compare an artifact with the PyTorch reference",
+                       epilog="example: moss-edge verify moss-4b-int4 --reference MOSS-Audio-4B-Instruct --json parity.json")
+    p.add_argument("artifact")
+    p.add_argument("--reference", required=True, help="the checkpoint the artifact came from")
+    p.add_argument("--audio", action="append", help="audio file(s) to check on (default: a bundled recording)")
+    p.add_argument("--steps", type=int, default=32, help="decode steps compared")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    p.add_argument("--json", help="write the full report as JSON here")
+    p.add_argument("--markdown", help="write the report as Markdown here")
+    p.add_argument("--print-json", action="store_true", help="print the summary as JSON instead of Markdown")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("info", help="show an artifact's manifest as a table", epilog="example: moss-edge info moss-4b-int4")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.add_argument("--no-hash-check", action="store_true", help="skip the sha256 check of the graph files")
+    p.set_defaults(func=cmd_info)
     return parser
 
 

@@ -32,3 +32,20 @@ def synthetic_checkpoint(tmp_path_factory):
 def rel_err(x, ref) -> float:
     """max-abs error relative to the reference's max-abs."""
     return float(np.abs(np.asarray(x, np.float64) - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="session")
+def fixture_artifact(upstream, tmp_path_factory):
+    """The upstream fixture exported to ONNX (fp32), with its custom token ids."""
+    from moss_edge.export.onnx_export import export_artifact
+
+    return export_artifact(upstream["checkpoint"], tmp_path_factory.mktemp("art") / "fixture", verify_steps=8,
+                           token_ids=upstream["ids"], log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def synthetic_artifact(synthetic_checkpoint, tmp_path_factory):
+    from moss_edge.export.onnx_export import export_artifact
+
+    return export_artifact(synthetic_checkpoint, tmp_path_factory.mktemp("art") / "synthetic", verify_steps=8,
+                           log=lambda m: None)
