@@ -59,6 +59,9 @@ def cmd_export(args) -> None:
 
 
 def _print_summary(summary: dict) -> None:
+    if "skipped" in summary:
+        print(f"parity not checked: {summary['skipped']}")
+        return
     state = "passed" if summary["passed"] else "FAILED"
     print(f"parity {state} ({summary['precision']}): worst cosine {summary['worst_cosine']:.6f}, "
           f"prefill logits rel. error {summary['prefill_logits_rel']:.2e}, mean KL {summary['kl_mean']:.2e}, "
