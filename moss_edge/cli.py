@@ -142,6 +142,23 @@ def cmd_info(args) -> None:
         _print_summary(m["parity"])
 
 
+def cmd_bench(args) -> None:
+    from moss_edge.bench import BenchSettings, run_bench
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = BenchSettings(audio_seconds=args.audio_seconds, decode_tokens=args.decode_tokens, threads=args.threads)
+    depths = [int(d) for d in args.depths.split(",")]
+    result = run_bench(args.preset, depths, workdir, settings, log=lambda m: print(m, file=sys.stderr))
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    table = result.get("extrapolated") or {b: r[depths[0]] for b, r in result["runs"].items()}
+    where = "extrapolated to full depth" if "extrapolated" in result else f"at {depths[0]} layers"
+    print(f"{'backend':<12} {'encoder s':>10} {'prefill ms':>11} {'decode ms/tok':>14}   ({where})")
+    for backend, r in table.items():
+        print(f"{backend:<12} {r['encoder_s']:>10.2f} {r['prefill_ms']:>11.0f} {r['decode_ms_per_token']:>14.1f}")
+    print(f"wrote {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moss-edge", description="Export, quantize and run MOSS-Audio on edge devices.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the report as Markdown here")
     p.add_argument("--print-json", action="store_true", help="print the summary as JSON instead of Markdown")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bench", help="time the PyTorch reference and artifacts at real widths",
+                       epilog="example: moss-edge bench --preset 4b --depths 2,4 -o bench.json")
+    p.add_argument("--preset", choices=["tiny", "4b", "8b"], default="4b")
+    p.add_argument("--depths", default="2,4", help="layer counts to measure; two give a per-layer extrapolation")
+    p.add_argument("--workdir", default="bench-work", help="checkpoints and artifacts are kept here between runs")
+    p.add_argument("--audio-seconds", type=float, default=30.0)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("-o", "--output", default="bench.json")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="show an artifact's manifest as a table", epilog="example: moss-edge info moss-4b-int4")
     p.add_argument("artifact")

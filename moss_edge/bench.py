@@ -1,0 +1,169 @@
+"""Speed and memory of the PyTorch reference and of artifacts, measured in one run.
+
+Each backend runs in its own process so that its peak RSS is its own. At real widths with a
+few layers, results at two depths give a per-layer cost that is extrapolated to full depth.
+"""
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moss_edge import bundled_audio
+
+
+@dataclass
+class BenchSettings:
+    audio_seconds: float = 30.0
+    decode_tokens: int = 32
+    threads: int = 2
+    text_tokens: int = 16  # 30 s of audio (403 ids with markers) + 16 = the 419-token bar
+
+
+def bench_audio(seconds: float) -> np.ndarray:
+    """The bundled recording repeated to the wanted length, 16 kHz."""
+    from moss_edge.runtime.audio import load_audio
+
+    wave = load_audio(bundled_audio())
+    return np.tile(wave, int(np.ceil(seconds * 16000 / len(wave))))[: int(seconds * 16000)]
+
+
+def bench_prompt(ids, settings: BenchSettings) -> list[int]:
+    """An audio span and a fixed number of ordinary text ids (the same for every tokenizer)."""
+    return [ids.audio_start, ids.audio_end] + [100 + i for i in range(settings.text_tokens)]
+
+
+def _measure(encode, prefill, step, n_chunks: int, settings: BenchSettings) -> dict:
+    encode()  # warm-up: first runs allocate and pick kernels
+    start = time.perf_counter()
+    features = encode()
+    encoder_s = time.perf_counter() - start
+    logits = prefill(features)
+    start = time.perf_counter()
+    logits = prefill(features)
+    prefill_s = time.perf_counter() - start
+    step(int(np.argmax(logits)))
+    start = time.perf_counter()
+    for _ in range(settings.decode_tokens):
+        logits = step(int(np.argmax(logits)))
+    decode_s = time.perf_counter() - start
+    return {"encoder_ms_per_chunk": encoder_s * 1000 / n_chunks, "encoder_s": encoder_s,
+            "prefill_ms": prefill_s * 1000, "decode_ms_per_token": decode_s * 1000 / settings.decode_tokens,
+            "time_to_first_token_s": encoder_s + prefill_s,
+            "encoder_real_time_factor": encoder_s / settings.audio_seconds}
+
+
+def worker(backend: str, path: str, settings: BenchSettings) -> dict:
+    """Run in a child process: time one backend on the bench audio and prompt."""
+    from moss_edge.runtime.audio import chunk_mels, log_mel
+    from moss_edge.runtime.prompt import expand_audio_spans
+
+    wave = bench_audio(settings.audio_seconds)
+    mel = log_mel(wave)
+    if backend.startswith("torch"):
+        import torch
+
+        from moss_edge.export.reference import ReferencePipeline
+
+        torch.set_num_threads(settings.threads)
+        pipe = ReferencePipeline.load(path, torch.bfloat16 if backend == "torch-bf16" else torch.float32)
+        chunk_frames = pipe.model.cfg.audio.chunk_frames
+        encode = lambda: pipe.encode([mel])  # noqa: E731
+        state = {}
+
+        def prefill(features):
+            ids = expand_audio_spans(bench_prompt(pipe.ids, settings), features.clip_tokens, pipe.ids)
+            state["ids"] = ids
+            logits, state["past"] = pipe.forward(ids, features)
+            return logits
+
+        def step(token):
+            logits, state["past"] = pipe.forward([token], None, state["past"])
+            return logits
+    else:
+        from moss_edge.runtime.pipeline import Pipeline
+
+        pipe = Pipeline.load(path, threads=settings.threads)
+        chunk_frames = pipe.model["chunk_frames"]
+        encode = lambda: pipe.encode([wave])  # noqa: E731
+        state = {}
+
+        def prefill(features):
+            state["ids"] = pipe.prompt_ids(bench_prompt(pipe.ids, settings), features.clip_tokens)
+            return pipe.prefill(state["ids"], features)
+
+        step = pipe.decoder.step
+    n_chunks = len(chunk_mels([mel], chunk_frames).frames)
+    result = _measure(encode, prefill, step, n_chunks, settings)
+    result["prompt_tokens"] = len(state["ids"])
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def run_worker(backend: str, path: Path, settings: BenchSettings) -> dict:
+    cmd = [sys.executable, "-m", "moss_edge.bench", backend, str(path), json.dumps(asdict(settings))]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench worker {backend} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def directory_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def extrapolate(by_depth: dict[int, dict], full_encoder: int, full_decoder: int) -> dict:
+    """Linear in depth: value(L) = fixed + L * per_layer, from two depths."""
+    (l1, r1), (l2, r2) = sorted(by_depth.items())[:2]
+    out = {}
+    for key, full in (("encoder_ms_per_chunk", full_encoder), ("encoder_s", full_encoder), ("prefill_ms", full_decoder),
+                      ("decode_ms_per_token", full_decoder)):
+        per_layer = (r2[key] - r1[key]) / (l2 - l1)
+        out[key] = r1[key] + (full - l1) * per_layer
+        out[f"{key}_per_layer"] = per_layer
+    out["time_to_first_token_s"] = out["encoder_s"] + out["prefill_ms"] / 1000
+    return out
+
+
+def run_bench(preset: str, depths: list[int], workdir: Path, settings: BenchSettings, log=print) -> dict:
+    """Synthetic checkpoints at the preset's widths and each depth, their fp32 artifacts, and
+    every backend timed on each; then the extrapolation to full depth and the ratios."""
+    from moss_edge.export.onnx_export import export_artifact
+    from moss_edge.export.synthetic import preset as make_preset
+    from moss_edge.export.synthetic import write_synthetic_checkpoint
+
+    full = make_preset(preset)
+    runs: dict[str, dict[int, dict]] = {}
+    sizes: dict[str, dict[int, float]] = {}
+    for depth in depths:
+        checkpoint = workdir / f"{preset}-{depth}l-checkpoint"
+        if not checkpoint.exists():
+            log(f"writing a synthetic {preset} checkpoint with {depth} encoder and decoder layers")
+            write_synthetic_checkpoint(checkpoint, make_preset(preset, depth, depth), dtype="bf16")
+        artifact = workdir / f"{preset}-{depth}l-fp32"
+        if not artifact.exists():
+            log(f"exporting {checkpoint.name}")
+            export_artifact(checkpoint, artifact, verify_steps=0, log=lambda m: None)
+        for backend, path in (("torch-bf16", checkpoint), ("torch-fp32", checkpoint), ("ort-fp32", artifact)):
+            log(f"timing {backend} at {depth} layers")
+            runs.setdefault(backend, {})[depth] = run_worker("ort" if backend.startswith("ort") else backend, path, settings)
+            sizes.setdefault(backend, {})[depth] = directory_mib(path)
+    result = {"preset": preset, "depths": depths, "settings": asdict(settings), "runs": runs, "size_mib": sizes}
+    if len(depths) >= 2:
+        result["extrapolated"] = {b: extrapolate(r, full.audio.encoder_layers, full.language.num_hidden_layers)
+                                  for b, r in runs.items()}
+        base = result["extrapolated"]["torch-bf16"]
+        result["speedup_vs_torch_bf16"] = {
+            b: {k: base[k] / v[k] for k in ("encoder_s", "prefill_ms", "decode_ms_per_token")}
+            for b, v in result["extrapolated"].items()}
+    return result
+
+
+if __name__ == "__main__":
+    backend, path, settings = sys.argv[1], sys.argv[2], BenchSettings(**json.loads(sys.argv[3]))
+    print(json.dumps(worker(backend, path, settings)))
