@@ -29,13 +29,11 @@ from moss_edge import __version__
 from moss_edge.export.checkpoint import load_model, tensor_files
 from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
-from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, sha256_file
+from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, graph_entry, sha256_file, write_artifact
 from moss_edge.runtime.prompt import TokenIds, read_token_ids
 
 OPSET = 21
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-ONNX_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-              onnx.TensorProto.INT64: "int64", onnx.TensorProto.BFLOAT16: "bfloat16"}
 
 
 class EncoderGraph(nn.Module):
@@ -186,25 +184,6 @@ def export_graphs(checkpoint_dir: Path, cfg, audio_token: int, out: Path, opset:
             ["logits", *[f"present_{c}" for c in cache]], out / "decoder.onnx", opset, weights)
 
 
-def _io(values) -> list[dict]:
-    return [{"name": v.name, "dtype": ONNX_TYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
-             "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
-
-
-def graph_entry(root: Path, name: str, precision: str) -> dict:
-    """Manifest entry of root/name.onnx: its files with sha256 (external data too), opset, IO."""
-    path = root / f"{name}.onnx"
-    proto = onnx.load(str(path), load_external_data=False)
-    files = [path.name]
-    for init in proto.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location" and entry.value not in files:
-                files.append(entry.value)
-    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return {"file": path.name, "files": {f: sha256_file(root / f) for f in files}, "precision": precision,
-            "opset": opset, "inputs": _io(proto.graph.input), "outputs": _io(proto.graph.output)}
-
-
 def checkpoint_hash(checkpoint_dir: Path) -> str:
     """sha256 over config.json and the weight files, in name order."""
     digest = hashlib.sha256()
@@ -231,15 +210,6 @@ def available_memory() -> int:
     except OSError:
         pass
     return 1 << 50
-
-
-def write_artifact(tmp: Path, out: Path, manifest: dict) -> Path:
-    """Write manifest.json into tmp, then move tmp to out in one rename."""
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if out.exists():
-        raise FileExistsError(f"{out} already exists")
-    tmp.rename(out)
-    return out
 
 
 def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int = OPSET, verify_steps: int = 16,

@@ -98,7 +98,8 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                                       SamplingOptions(max_new_tokens=steps), stop_ids=[]))
     prefix = next((i for i, (a, b) in enumerate(zip(art_tokens, ref_tokens)) if a != b), len(ref_tokens))
 
-    precision = max((g["precision"] for g in pipe.artifact.manifest["graphs"].values()), key=ORDER.index)
+    precision = max((g["precision"].removesuffix("-dynamic") for g in pipe.artifact.manifest["graphs"].values()),
+                    key=ORDER.index)
     limits = THRESHOLDS[precision]
     end_to_end = {
         "kl_mean": float(np.mean([s["kl"] for s in per_step])), "kl_max": float(max(s["kl"] for s in per_step)),
@@ -117,7 +118,11 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
         failures.append(f"mean KL {end_to_end['kl_mean']:.2e} > {limits['kl_mean']}")
     if end_to_end["top1_agreement"] < limits["top1"]:
         failures.append(f"top-1 agreement {end_to_end['top1_agreement']:.3f} < {limits['top1']}")
-    if end_to_end["greedy_match"] < limits["greedy"]:
+    # Free-running greedy decoding diverges for good at the first differing token; a divergence
+    # at a near-tie of the reference is a coin flip, not an accuracy failure.
+    diverged_at_tie = prefix < len(per_step) and per_step[prefix]["near_tie"]
+    end_to_end["diverged_at_near_tie"] = diverged_at_tie
+    if end_to_end["greedy_match"] < limits["greedy"] and not diverged_at_tie:
         failures.append(f"greedy match {end_to_end['greedy_match']:.3f} < {limits['greedy']}")
     summary = {"passed": not failures, "precision": precision, "steps": steps,
                "worst_cosine": min(m["cosine"] for o in graphs.values() for m in o.values()),
@@ -141,7 +146,8 @@ def report_markdown(report: dict) -> str:
     lines += ["", "| end to end | value |", "|---|---|",
               f"| mean KL / max KL | {e['kl_mean']:.3e} / {e['kl_max']:.3e} |",
               f"| top-1 agreement (off near-ties) | {e['top1_agreement']:.3f} ({e['near_ties']} near-ties) |",
-              f"| greedy prefix match | {e['greedy_match']:.3f} |"]
+              f"| greedy prefix match | {e['greedy_match']:.3f}"
+              f"{' (diverged at a near-tie)' if e.get('diverged_at_near_tie') else ''} |"]
     if s["failures"]:
         lines += ["", "Failures:", *[f"- {f}" for f in s["failures"]]]
     return "\n".join(lines) + "\n"

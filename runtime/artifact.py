@@ -82,3 +82,38 @@ class Artifact:
     def model(self) -> dict:
         """Sizes the runtime needs: hidden, layers, kv heads, head_dim, deepstack, chunk frames."""
         return self.manifest["model"]
+
+
+# Writing artifacts (export and quantize; onnx is imported only here, not on the device path).
+
+def _io(values) -> list[dict]:
+    import onnx
+
+    names = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64"}
+    return [{"name": v.name, "dtype": names.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
+             "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+
+def graph_entry(root: Path, name: str, precision: str) -> dict:
+    """Manifest entry of root/name.onnx: its files with sha256 (external data too), opset, IO."""
+    import onnx
+
+    path = root / f"{name}.onnx"
+    proto = onnx.load(str(path), load_external_data=False)
+    files = [path.name]
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location" and entry.value not in files:
+                files.append(entry.value)
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return {"file": path.name, "files": {f: sha256_file(root / f) for f in files}, "precision": precision,
+            "opset": opset, "inputs": _io(proto.graph.input), "outputs": _io(proto.graph.output)}
+
+
+def write_artifact(tmp: Path, out: Path, manifest: dict) -> Path:
+    """Write manifest.json into the finished temp dir, then move it to out in one rename."""
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if out.exists():
+        raise FileExistsError(f"{out} already exists")
+    tmp.rename(out)
+    return out

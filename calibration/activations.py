@@ -1,0 +1,107 @@
+"""Activation statistics of the fp32 graphs on a calibration set, streamed and cached on disk.
+
+For every MatMul whose weight will be quantized, per input channel: E[x^2] and E[|x|] over
+the prompt tokens of each sample's prefill (audio embeddings, DeepStack and text included).
+"""
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from moss_edge import __version__
+from moss_edge.calibration.dataset import CalibrationSample
+from moss_edge.runtime.pipeline import Pipeline
+from moss_edge.runtime.session import make_session
+
+
+def progress(items: list, label: str):
+    """A plain progress line on stderr (no dependency), for long calibration runs."""
+    import sys
+
+    for i, item in enumerate(items, 1):
+        print(f"\r{label}: {i}/{len(items)}", end="" if i < len(items) else "\n", file=sys.stderr, flush=True)
+        yield item
+
+
+def cache_key(artifact: Path, weights: list[str], samples: list[CalibrationSample]) -> str:
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    key = {"decoder": manifest["graphs"]["decoder"]["files"], "weights": sorted(weights),
+           "samples": [vars(s) for s in samples], "version": __version__}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def matmul_inputs(decoder: onnx.ModelProto, weights: Iterable[str]) -> list[str]:
+    wanted = set(weights)
+    names = []
+    for node in decoder.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in wanted and node.input[0] not in names:
+            names.append(node.input[0])
+    return names
+
+
+def decoder_input_stats(artifact: Path, weights: list[str], samples: list[CalibrationSample],
+                        cache_dir: Path | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """{matmul input name: {"sq": E[x^2], "abs": E[|x|]}} from the artifact's fp32 decoder."""
+    cache = cache_dir / f"decoder-stats-{cache_key(artifact, weights, samples)}.npz" if cache_dir else None
+    if cache and cache.is_file():
+        return _unpack(np.load(cache))
+    pipe = Pipeline.load(artifact, check_hashes=False)
+    decoder = onnx.load(str(artifact / "decoder.onnx"), load_external_data=False)
+    names = matmul_inputs(decoder, weights)
+    for name in names:
+        decoder.graph.output.append(onnx.ValueInfoProto(name=name))
+    # Beside the original, so its external-data references resolve; removed afterwards.
+    tap_dir = Path(tempfile.mkdtemp(dir=artifact, prefix=".stats-"))
+    try:
+        for f in artifact.glob("decoder.onnx*.data"):
+            (tap_dir / f.name).symlink_to(f.resolve())
+        onnx.save(decoder, str(tap_dir / "decoder.onnx"))
+        session = make_session(tap_dir / "decoder.onnx")
+        sums = {n: [0.0, 0.0] for n in names}
+        count = 0
+        for sample in progress(samples, "calibrating decoder"):
+            features = pipe.encode([sample.waveform()])
+            prompt = sample.prompt if pipe.tokenizer else [pipe.ids.audio_start, pipe.ids.audio_end]
+            ids = pipe.prompt_ids(prompt, features.clip_tokens)
+            feeds = prefill_feeds(pipe, ids, features)
+            outputs = session.run(names, feeds)
+            for name, x in zip(names, outputs):
+                x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                sums[name][0] = sums[name][0] + (x**2).sum(axis=0)
+                sums[name][1] = sums[name][1] + np.abs(x).sum(axis=0)
+            count += len(ids)
+    finally:
+        shutil.rmtree(tap_dir, ignore_errors=True)
+    stats = {n: {"sq": (s[0] / count).astype(np.float32), "abs": (s[1] / count).astype(np.float32)} for n, s in sums.items()}
+    if cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, **{f"{i}.sq": v["sq"] for i, v in enumerate(stats.values())},
+                 **{f"{i}.abs": v["abs"] for i, v in enumerate(stats.values())}, names=np.array(list(stats)))
+        tmp.rename(cache)
+    return stats
+
+
+def _unpack(data) -> dict[str, dict[str, np.ndarray]]:
+    return {str(n): {"sq": data[f"{i}.sq"], "abs": data[f"{i}.abs"]} for i, n in enumerate(data["names"])}
+
+
+def prefill_feeds(pipe: Pipeline, ids: list[int], features) -> dict[str, np.ndarray]:
+    """The decoder inputs of a prefill, as the runtime builds them."""
+    from moss_edge.runtime.generation import place_audio
+
+    m = pipe.model
+    feeds = {"input_ids": np.array([ids], np.int64), "position_ids": np.arange(len(ids), dtype=np.int64)[None],
+             "audio_embeds": place_audio(ids, pipe.ids.audio_token, features.embeds)[None],
+             "deepstack_embeds": place_audio(ids, pipe.ids.audio_token, features.deepstack)[:, None]}
+    empty = np.zeros((1, m["num_key_value_heads"], 0, m["head_dim"]), np.float32)
+    for i in range(m["num_hidden_layers"]):
+        feeds[f"past_key_{i}"] = empty
+        feeds[f"past_value_{i}"] = empty
+    return feeds

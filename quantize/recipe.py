@@ -1,0 +1,104 @@
+"""Quantization recipes: what each graph becomes. Named presets or a JSON file."""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from moss_edge.runtime.errors import MossEdgeError
+
+GRAPHS = ("encoder", "adapter", "decoder")
+PRECISIONS = ("fp32", "int8", "int8-dynamic", "int4")
+METHODS = ("rtn", "clip", "awq")
+TABLE_PRECISIONS = ("fp32", "int8", "int4")
+# Which ONNX Runtime providers run a graph of each precision. Dynamic INT8 (MatMulInteger with
+# runtime activation quantization) is the fastest INT8 on ORT CPU; TensorRT does not take it.
+BACKENDS = {"fp32": {"cpu", "cuda", "tensorrt"}, "int8": {"cpu", "cuda", "tensorrt"},
+            "int4": {"cpu", "cuda", "tensorrt"}, "int8-dynamic": {"cpu"}}
+
+
+@dataclass
+class GraphRecipe:
+    precision: str = "fp32"
+    method: str = "rtn"  # weight-only int8/int4: rtn, clip (activation-weighted) or awq
+    block: int = 128  # input rows per scale (TensorRT takes 64 or 128 for INT4)
+    lm_head: str = "int8"  # decoder only
+    embedding: str = "int8"  # decoder only
+    keep: list[str] = field(default_factory=list)  # weight-name fragments kept in fp32
+
+    def check(self, graph: str) -> None:
+        if self.precision not in PRECISIONS:
+            raise MossEdgeError(f"{graph}: precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.method not in METHODS:
+            raise MossEdgeError(f"{graph}: method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.block not in (16, 32, 64, 128, 256):
+            raise MossEdgeError(f"{graph}: block {self.block} must be a power of two from 16 to 256")
+        for part in ("lm_head", "embedding"):
+            if getattr(self, part) not in TABLE_PRECISIONS:
+                raise MossEdgeError(f"{graph}: {part} {getattr(self, part)!r} is not one of {', '.join(TABLE_PRECISIONS)}")
+        if self.method != "rtn" and graph != "decoder":
+            raise MossEdgeError(f"{graph}: data-aware methods are for the decoder; use rtn")
+
+
+@dataclass
+class Recipe:
+    name: str
+    graphs: dict[str, GraphRecipe]
+    calibration_samples: int = 12
+
+    @property
+    def backends(self) -> list[str]:
+        ok = set.intersection(*(BACKENDS[g.precision] for g in self.graphs.values()))
+        return sorted(ok)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "calibration_samples": self.calibration_samples,
+                **{g: asdict(r) for g, r in self.graphs.items()}}
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(g.method != "rtn" and g.precision in ("int4", "int8") for g in self.graphs.values())
+
+
+def _preset(name: str, encoder: str, adapter: str, decoder: GraphRecipe) -> Recipe:
+    return Recipe(name, {"encoder": GraphRecipe(encoder), "adapter": GraphRecipe(adapter), "decoder": decoder})
+
+
+PRESETS = {
+    # ORT CPU: dynamic INT8 encoder/adapter, INT8 weight-only decoder
+    "int8": lambda: _preset("int8", "int8-dynamic", "int8-dynamic", GraphRecipe("int8", block=128)),
+    # ORT CPU: INT4 decoder (round to nearest), tables INT8
+    "int4": lambda: _preset("int4", "int8-dynamic", "fp32", GraphRecipe("int4", block=128)),
+    # the same with activation-aware scaling and clipping from the calibration set
+    "int4-awq": lambda: _preset("int4-awq", "int8-dynamic", "fp32", GraphRecipe("int4", method="awq", block=128)),
+    # every graph weight-only (DequantizeLinear): runs on TensorRT and CUDA as well as CPU
+    "int4-trt": lambda: _preset("int4-trt", "int8", "fp32", GraphRecipe("int4", method="awq", block=128)),
+}
+
+
+def load_recipe(spec: str) -> Recipe:
+    """A preset name, or a JSON file {"name": ..., "encoder": {...}, "adapter": {...}, "decoder": {...}}
+    (graphs left out stay fp32)."""
+    if spec in PRESETS:
+        recipe = PRESETS[spec]()
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise MossEdgeError(f"recipe {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise MossEdgeError(f"recipe file {path} is not valid JSON: {err}") from None
+        unknown = set(raw) - set(GRAPHS) - {"name", "calibration_samples"}
+        if unknown:
+            raise MossEdgeError(f"recipe {path} names graph(s) {', '.join(sorted(unknown))} that do not exist; "
+                                f"the graphs are {', '.join(GRAPHS)}")
+        graphs = {}
+        for g in GRAPHS:
+            try:
+                graphs[g] = GraphRecipe(**raw.get(g, {}))
+            except TypeError as err:
+                raise MossEdgeError(f"recipe {path}, {g}: {err}") from None
+        recipe = Recipe(raw.get("name", path.stem), graphs, int(raw.get("calibration_samples", 12)))
+    for graph, r in recipe.graphs.items():
+        r.check(graph)
+    return recipe

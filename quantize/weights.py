@@ -1,0 +1,82 @@
+"""Weight quantization math (numpy): symmetric INT4/INT8, blocked along the input dimension.
+
+A weight W [K, N] used as MatMul(X [.., K], W) is split into blocks of `block` rows; each
+block and output column gets one scale, and q = round(W / scale) in [-2^(b-1), 2^(b-1)-1].
+"""
+
+import numpy as np
+
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_blocked(w: np.ndarray, bits: int, block: int, clip: np.ndarray | float = 1.0):
+    """w [K, N] -> (q int8 [K, N], scale float32 [K/block, N]). clip shrinks each block's range
+    (scalar, or [K/block, N]) so outliers cost less resolution."""
+    k, n = w.shape
+    if k % block:
+        raise ValueError(f"input dimension {k} is not a multiple of the block size {block}")
+    blocks = w.reshape(k // block, block, n).astype(np.float32)
+    scale = np.abs(blocks).max(axis=1) * clip / qmax(bits)
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax(bits) - 1, qmax(bits))
+    return q.astype(np.int8).reshape(k, n), scale
+
+
+def dequantize_blocked(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
+    k, n = q.shape
+    return (q.reshape(k // block, block, n) * scale[:, None, :]).reshape(k, n).astype(np.float32)
+
+
+def _weighted_error(w, deq, h, block):
+    """Per-block output error estimate: sum_k h_k (w - deq)^2, h = E[x_k^2] of the MatMul input."""
+    k, n = w.shape
+    err = (h[:, None] * (w - deq) ** 2).reshape(k // block, block, n)
+    return err.sum(axis=1)
+
+
+def search_clip(w: np.ndarray, h: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """Per block and column, the clip ratio from CLIP_GRID with the least activation-weighted error."""
+    best_err, best_clip = None, None
+    for clip in CLIP_GRID:
+        q, scale = quantize_blocked(w, bits, block, clip)
+        err = _weighted_error(w, dequantize_blocked(q, scale, block), h, block)
+        if best_err is None:
+            best_err, best_clip = err, np.full_like(err, clip)
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_clip = np.where(better, clip, best_clip)
+    return best_clip.astype(np.float32)
+
+
+def awq_quantize(w: np.ndarray, h: np.ndarray, mean_abs: np.ndarray, bits: int, block: int):
+    """Activation-aware quantization: scale input channel k by s_k = mean|x_k|^alpha before
+    quantizing (the MatMul input is divided by s), pick alpha and per-block clipping by the
+    activation-weighted error. Returns (q, scale, input_scale s or None when alpha = 0)."""
+    best = None
+    for alpha in ALPHA_GRID:
+        s = np.maximum(mean_abs, 1e-6) ** alpha
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)  # keep scales centred on 1
+        ws = w * s[:, None]
+        hs = h / s**2  # the error of (x / s) @ (W s) in the scaled space
+        clip = search_clip(ws, hs, bits, block)
+        q, scale = quantize_blocked(ws, bits, block, clip)
+        err = float(_weighted_error(ws, dequantize_blocked(q, scale, block), hs, block).sum())
+        if best is None or err < best[0]:
+            best = (err, q, scale, None if alpha == 0 else s)
+    return best[1], best[2], best[3]
+
+
+def pack_int4(q: np.ndarray) -> bytes:
+    """ONNX INT4 layout: two values per byte, the first in the low nibble."""
+    flat = q.astype(np.int8).ravel()
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    low = flat[0::2].astype(np.uint8) & 0x0F
+    high = (flat[1::2].astype(np.uint8) & 0x0F) << 4
+    return (low | high).tobytes()
