@@ -6,18 +6,17 @@ the prompt tokens of each sample's prefill (audio embeddings, DeepStack and text
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from moss_edge import __version__
 from moss_edge.calibration.dataset import CalibrationSample
 from moss_edge.runtime.pipeline import Pipeline
-from moss_edge.runtime.session import make_session
+from moss_edge.runtime.session import available_cores
 
 
 def progress(items: list, label: str):
@@ -56,28 +55,25 @@ def decoder_input_stats(artifact: Path, weights: list[str], samples: list[Calibr
     names = matmul_inputs(decoder, weights)
     for name in names:
         decoder.graph.output.append(onnx.ValueInfoProto(name=name))
-    # Beside the original, so its external-data references resolve; removed afterwards.
-    tap_dir = Path(tempfile.mkdtemp(dir=artifact, prefix=".stats-"))
-    try:
-        for f in artifact.glob("decoder.onnx*.data"):
-            (tap_dir / f.name).symlink_to(f.resolve())
-        onnx.save(decoder, str(tap_dir / "decoder.onnx"))
-        session = make_session(tap_dir / "decoder.onnx")
-        sums = {n: [0.0, 0.0] for n in names}
-        count = 0
-        for sample in progress(samples, "calibrating decoder"):
-            features = pipe.encode([sample.waveform()])
-            prompt = sample.prompt if pipe.tokenizer else [pipe.ids.audio_start, pipe.ids.audio_end]
-            ids = pipe.prompt_ids(prompt, features.clip_tokens)
-            feeds = prefill_feeds(pipe, ids, features)
-            outputs = session.run(names, feeds)
-            for name, x in zip(names, outputs):
-                x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-                sums[name][0] = sums[name][0] + (x**2).sum(axis=0)
-                sums[name][1] = sums[name][1] + np.abs(x).sum(axis=0)
-            count += len(ids)
-    finally:
-        shutil.rmtree(tap_dir, ignore_errors=True)
+    # Loaded from memory; its external data is read from the artifact's folder.
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(artifact))
+    opts.intra_op_num_threads = available_cores()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(decoder.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sums = {n: [0.0, 0.0] for n in names}
+    count = 0
+    for sample in progress(samples, "calibrating decoder"):
+        features = pipe.encode([sample.waveform()])
+        prompt = sample.prompt if pipe.tokenizer else [pipe.ids.audio_start, pipe.ids.audio_end]
+        ids = pipe.prompt_ids(prompt, features.clip_tokens)
+        feeds = prefill_feeds(pipe, ids, features)
+        outputs = session.run(names, feeds)
+        for name, x in zip(names, outputs):
+            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            sums[name][0] = sums[name][0] + (x**2).sum(axis=0)
+            sums[name][1] = sums[name][1] + np.abs(x).sum(axis=0)
+        count += len(ids)
     stats = {n: {"sq": (s[0] / count).astype(np.float32), "abs": (s[1] / count).astype(np.float32)} for n, s in sums.items()}
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)

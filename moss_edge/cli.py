@@ -159,6 +159,33 @@ def cmd_bench(args) -> None:
     print(f"wrote {args.output}")
 
 
+def cmd_quantize(args) -> None:
+    from moss_edge.quantize.artifact import quantize_artifact
+    from moss_edge.quantize.recipe import load_recipe
+    from moss_edge.runtime.artifact import Artifact
+
+    recipe = load_recipe(args.recipe)
+    verify = None
+    if not args.no_verify:
+        from moss_edge.calibration.dataset import HELD_OUT
+        from moss_edge.export.verify import verify_artifact
+
+        reference = Path(args.reference or Artifact.load(args.artifact, check_hashes=False).manifest["source"]["checkpoint"])
+        if not reference.is_dir():
+            raise MossEdgeError(f"reference checkpoint {reference} not found; pass --reference CHECKPOINT or --no-verify")
+        audio = args.verify_audio or [bundled_audio(HELD_OUT)]
+        verify = lambda tmp: verify_artifact(tmp, reference, audio=audio, steps=args.steps)  # noqa: E731
+    cache = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "moss-edge"
+    out = quantize_artifact(args.artifact, args.output, recipe, calibration=args.calibration, cache_dir=cache,
+                            verify=verify, log=lambda m: print(m, file=sys.stderr))
+    manifest = json.loads((out / "manifest.json").read_text())
+    if "parity" in manifest:
+        _print_summary(manifest["parity"])
+    print(f"wrote {out} (runs on: {', '.join(manifest['backends'])})")
+    if "parity" in manifest and not manifest["parity"]["passed"]:
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moss-edge", description="Export, quantize and run MOSS-Audio on edge devices.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--verify-steps", type=int, default=16, help="decode steps in the parity check")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="make an INT8 / INT4 artifact from an fp32 one",
+                       epilog="examples:\n  moss-edge quantize moss-4b-fp32 -o moss-4b-int4 --recipe int4-awq\n"
+                              "  moss-edge quantize moss-4b-fp32 -o moss-4b-custom --recipe my-recipe.json --calibration clips/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", help="an fp32 artifact made by `moss-edge export`")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--recipe", default="int4-awq", help="int8, int4, int4-awq, int4-trt, or a JSON recipe file")
+    p.add_argument("--calibration", help="audio folder, glob or list file (default: the bundled recordings)")
+    p.add_argument("--reference", help="checkpoint to verify against (default: the one the artifact came from)")
+    p.add_argument("--verify-audio", action="append", help="held-out audio for the parity check")
+    p.add_argument("--steps", type=int, default=32, help="decode steps in the parity check")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    p.add_argument("--cache-dir", help="where calibration statistics are cached (default ~/.cache/moss-edge)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("run", help="answer a question about audio with an artifact",
                        epilog='example: moss-edge run moss-4b-int4 --audio talk.wav --prompt "Summarise this." --stream')

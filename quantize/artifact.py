@@ -10,6 +10,7 @@ import onnx
 
 from moss_edge.calibration.activations import decoder_input_stats
 from moss_edge.calibration.dataset import build_samples, find_audio
+from moss_edge.quantize.kernels import cpu_kernels
 from moss_edge.quantize.graph import WeightRule, quantize_weights
 from moss_edge.quantize.recipe import GraphRecipe, Recipe
 from moss_edge.runtime.artifact import Artifact, graph_entry, write_artifact
@@ -88,7 +89,12 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
         for f in src.manifest.get("tokenizer_files", []):
             shutil.copy(src.root / f, tmp / f)
         manifest["backends"] = recipe.backends
-        manifest["quantization"] = {"recipe": recipe.to_dict(), "from": str(src.root.resolve()), "weights": layers}
+        kernels = {g: cpu_kernels(tmp / f"{g}.onnx") for g, r in recipe.graphs.items() if r.precision != "fp32"}
+        manifest["quantization"] = {"recipe": recipe.to_dict(), "from": str(src.root.resolve()), "weights": layers,
+                                    "ort_cpu_kernels": kernels}
+        unfused = {g: k["dequantized_weights"] for g, k in kernels.items() if k["dequantized_weights"]}
+        if unfused:
+            log(f"warning: ONNX Runtime CPU left DequantizeLinear unfused in {unfused}: those weights run dequantized")
         manifest.pop("parity_report", None)
         manifest.pop("parity", None)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

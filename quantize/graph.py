@@ -100,6 +100,7 @@ def quantize_weights(src: Path, dst: Path, plan: dict[str, WeightRule], stats: d
     writer = ExternalWriter(dst.parent / f"{dst.name}.data")
     new_inits, new_nodes, done = [], [], {}
     before: dict[int, list[onnx.NodeProto]] = {}  # nodes to insert just before a consumer
+    removed: set[int] = set()
     try:
         for init in graph.initializer:
             value = read_initializer(init, src.parent)
@@ -114,7 +115,17 @@ def quantize_weights(src: Path, dst: Path, plan: dict[str, WeightRule], stats: d
             layer_stats = stats.get(matmul_input) if stats and matmul_input else None
             inits, dq, input_scale = _quantized(init.name, np.asarray(value, np.float32), rule, layer_stats, axis, writer)
             new_inits += inits
-            new_nodes.append(dq)
+            if axis == 1:  # a table: gather the quantized rows and their scales, dequantize only those
+                for user in users:
+                    ids = user.input[1]
+                    before[id(user)] = [
+                        helper.make_node("Gather", [inits[0].name, ids], [f"{user.name}_rows_q"], name=f"{user.name}_q"),
+                        helper.make_node("Gather", [inits[1].name, ids], [f"{user.name}_rows_scale"], name=f"{user.name}_s"),
+                        helper.make_node("DequantizeLinear", [f"{user.name}_rows_q", f"{user.name}_rows_scale"],
+                                         list(user.output), name=f"{user.name}_dq", axis=-1, block_size=rule.block)]
+                    removed.add(id(user))
+            else:
+                new_nodes.append(dq)
             if input_scale is not None:  # x @ W == (x / s) @ (s W): divide the input, once per consumer
                 inv = writer.tensor(f"{init.name}_input_scale", TensorProto.FLOAT, input_scale.shape,
                                     (1.0 / input_scale).astype(np.float32).tobytes())
@@ -131,7 +142,7 @@ def quantize_weights(src: Path, dst: Path, plan: dict[str, WeightRule], stats: d
     graph.initializer.extend(new_inits)
     nodes = list(new_nodes)  # DequantizeLinear depends on initializers only: first
     for node in graph.node:
-        nodes += before.get(id(node), []) + [node]
+        nodes += before.get(id(node), []) + ([] if id(node) in removed else [node])
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.save(model, str(dst))

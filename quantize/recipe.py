@@ -32,9 +32,10 @@ class GraphRecipe:
             raise MossEdgeError(f"{graph}: method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.block not in (16, 32, 64, 128, 256):
             raise MossEdgeError(f"{graph}: block {self.block} must be a power of two from 16 to 256")
-        for part in ("lm_head", "embedding"):
-            if getattr(self, part) not in TABLE_PRECISIONS:
-                raise MossEdgeError(f"{graph}: {part} {getattr(self, part)!r} is not one of {', '.join(TABLE_PRECISIONS)}")
+        if self.lm_head not in TABLE_PRECISIONS:
+            raise MossEdgeError(f"{graph}: lm_head {self.lm_head!r} is not one of {', '.join(TABLE_PRECISIONS)}")
+        if self.embedding not in ("fp32", "int8"):  # rows are gathered before dequantizing; int4 Gather is not portable
+            raise MossEdgeError(f"{graph}: embedding {self.embedding!r} must be fp32 or int8")
         if self.method != "rtn" and graph != "decoder":
             raise MossEdgeError(f"{graph}: data-aware methods are for the decoder; use rtn")
 

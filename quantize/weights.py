@@ -56,20 +56,21 @@ def search_clip(w: np.ndarray, h: np.ndarray, bits: int, block: int) -> np.ndarr
 
 def awq_quantize(w: np.ndarray, h: np.ndarray, mean_abs: np.ndarray, bits: int, block: int):
     """Activation-aware quantization: scale input channel k by s_k = mean|x_k|^alpha before
-    quantizing (the MatMul input is divided by s), pick alpha and per-block clipping by the
-    activation-weighted error. Returns (q, scale, input_scale s or None when alpha = 0)."""
+    quantizing (the MatMul input is divided by s). alpha is chosen by the activation-weighted
+    error at full range, then each block's clipping for that alpha.
+    Returns (q, scale, input_scale s or None when alpha = 0)."""
     best = None
     for alpha in ALPHA_GRID:
         s = np.maximum(mean_abs, 1e-6) ** alpha
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)  # keep scales centred on 1
-        ws = w * s[:, None]
-        hs = h / s**2  # the error of (x / s) @ (W s) in the scaled space
-        clip = search_clip(ws, hs, bits, block)
-        q, scale = quantize_blocked(ws, bits, block, clip)
+        ws, hs = w * s[:, None], h / s**2  # the error of (x / s) @ (W s), in the scaled space
+        q, scale = quantize_blocked(ws, bits, block)
         err = float(_weighted_error(ws, dequantize_blocked(q, scale, block), hs, block).sum())
         if best is None or err < best[0]:
-            best = (err, q, scale, None if alpha == 0 else s)
-    return best[1], best[2], best[3]
+            best = (err, ws, hs, None if alpha == 0 else s)
+    _, ws, hs, s = best
+    q, scale = quantize_blocked(ws, bits, block, search_clip(ws, hs, bits, block))
+    return q, scale, s
 
 
 def pack_int4(q: np.ndarray) -> bytes:

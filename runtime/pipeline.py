@@ -110,6 +110,11 @@ class Pipeline:
     def __init__(self, artifact: Artifact, provider: str = "cpu", threads: int | None = None):
         import threading
 
+        backends = artifact.manifest.get("backends", ["cpu", "cuda", "tensorrt"])
+        if provider not in backends:
+            precisions = {g: e["precision"] for g, e in artifact.manifest["graphs"].items()}
+            raise MossEdgeError(f"artifact {artifact.root} ({precisions}) does not run on {provider}; it runs on "
+                                f"{', '.join(backends)}. For TensorRT/CUDA quantize with --recipe int4-trt")
         self.artifact = artifact
         self.ids = artifact.token_ids
         self.model = artifact.model
