@@ -130,10 +130,13 @@ def extrapolate(by_depth: dict[int, dict], full_encoder: int, full_decoder: int)
     return out
 
 
-def run_bench(preset: str, depths: list[int], workdir: Path, settings: BenchSettings, log=print) -> dict:
+def run_bench(preset: str, depths: list[int], workdir: Path, settings: BenchSettings, recipes: list[str] = (),
+              log=print) -> dict:
     """Synthetic checkpoints at the preset's widths and each depth, their fp32 artifacts, and
     every backend timed on each; then the extrapolation to full depth and the ratios."""
     from moss_edge.export.onnx_export import export_artifact
+    from moss_edge.quantize.artifact import quantize_artifact
+    from moss_edge.quantize.recipe import load_recipe
     from moss_edge.export.synthetic import preset as make_preset
     from moss_edge.export.synthetic import write_synthetic_checkpoint
 
@@ -149,7 +152,14 @@ def run_bench(preset: str, depths: list[int], workdir: Path, settings: BenchSett
         if not artifact.exists():
             log(f"exporting {checkpoint.name}")
             export_artifact(checkpoint, artifact, verify_steps=0, log=lambda m: None)
-        for backend, path in (("torch-bf16", checkpoint), ("torch-fp32", checkpoint), ("ort-fp32", artifact)):
+        variants = [("torch-bf16", checkpoint), ("torch-fp32", checkpoint), ("ort-fp32", artifact)]
+        for recipe in recipes:
+            quantized = workdir / f"{preset}-{depth}l-{recipe}"
+            if not quantized.exists():
+                log(f"quantizing {artifact.name} with {recipe}")
+                quantize_artifact(artifact, quantized, load_recipe(recipe), cache_dir=workdir / "cache", log=lambda m: None)
+            variants.append((f"ort-{recipe}", quantized))
+        for backend, path in variants:
             log(f"timing {backend} at {depth} layers")
             runs.setdefault(backend, {})[depth] = run_worker("ort" if backend.startswith("ort") else backend, path, settings)
             sizes.setdefault(backend, {})[depth] = directory_mib(path)

@@ -149,7 +149,8 @@ def cmd_bench(args) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     settings = BenchSettings(audio_seconds=args.audio_seconds, decode_tokens=args.decode_tokens, threads=args.threads)
     depths = [int(d) for d in args.depths.split(",")]
-    result = run_bench(args.preset, depths, workdir, settings, log=lambda m: print(m, file=sys.stderr))
+    recipes = [r for r in args.recipes.split(",") if r]
+    result = run_bench(args.preset, depths, workdir, settings, recipes, log=lambda m: print(m, file=sys.stderr))
     Path(args.output).write_text(json.dumps(result, indent=2))
     table = result.get("extrapolated") or {b: r[depths[0]] for b, r in result["runs"].items()}
     where = "extrapolated to full depth" if "extrapolated" in result else f"at {depths[0]} layers"
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-seconds", type=float, default=30.0)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--recipes", default="int8,int4,int4-awq", help="quantization recipes to time too (comma list)")
     p.add_argument("-o", "--output", default="bench.json")
     p.set_defaults(func=cmd_bench)
 

@@ -6,7 +6,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import TensorProto
 
 from moss_edge.calibration.activations import decoder_input_stats
 from moss_edge.calibration.dataset import build_samples, find_audio
@@ -91,7 +93,8 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
         manifest["backends"] = recipe.backends
         kernels = {g: cpu_kernels(tmp / f"{g}.onnx") for g, r in recipe.graphs.items() if r.precision != "fp32"}
         manifest["quantization"] = {"recipe": recipe.to_dict(), "from": str(src.root.resolve()), "weights": layers,
-                                    "ort_cpu_kernels": kernels}
+                                    "ort_cpu_kernels": kernels,
+                                    "weight_bytes": {g: weight_bytes(tmp / f"{g}.onnx") for g in layers}}
         unfused = {g: k["dequantized_weights"] for g, k in kernels.items() if k["dequantized_weights"]}
         if unfused:
             log(f"warning: ONNX Runtime CPU left DequantizeLinear unfused in {unfused}: those weights run dequantized")
@@ -107,3 +110,19 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def weight_bytes(graph_path: Path) -> dict:
+    """Bytes of the quantized weights (data + scales) and of the same weights in fp16."""
+    model = onnx.load(str(graph_path), load_external_data=False)
+    sizes = {TensorProto.INT4: 0.5, TensorProto.INT8: 1, TensorProto.FLOAT: 4}
+    quantized = fp16 = 0
+    for init in model.graph.initializer:
+        count = int(np.prod(init.dims)) if init.dims else 1
+        if init.name.endswith(("_q4", "_q8")):
+            quantized += count * sizes[init.data_type]
+            fp16 += 2 * count
+        elif init.name.endswith("_scale"):
+            quantized += count * 4
+    return {"quantized_bytes": int(quantized), "fp16_bytes": int(fp16),
+            "ratio_to_fp16": quantized / fp16 if fp16 else None}
