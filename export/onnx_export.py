@@ -19,7 +19,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import onnx
 import onnx_ir as ir
 import torch
 from safetensors import safe_open

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from moss_edge.calibration.activations import decoder_input_stats
 from moss_edge.calibration.dataset import build_samples, find_audio
 from moss_edge.quantize.kernels import cpu_kernels
-from moss_edge.quantize.graph import WeightRule, quantize_weights
+from moss_edge.quantize.graph import WeightRule, quantize_weights, weight_sensitivity
 from moss_edge.quantize.recipe import GraphRecipe, Recipe
 from moss_edge.runtime.artifact import Artifact, graph_entry, write_artifact
 from moss_edge.runtime.errors import MossEdgeError
@@ -36,7 +35,8 @@ def weight_plan(graph_path: Path, recipe: GraphRecipe) -> dict[str, WeightRule]:
             continue
         if precision == "fp32" or any(k in name for k in recipe.keep) or rows % recipe.block:
             continue
-        plan[name] = WeightRule(bits[precision], recipe.block, recipe.method)
+        table = "lm_head" in name or node.op_type == "Gather"
+        plan[name] = WeightRule(bits[precision], recipe.block, "rtn" if table else recipe.method)
     return plan
 
 
@@ -52,11 +52,24 @@ def _int8_dynamic(src: Path, dst: Path) -> None:
                      use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
 
 
+def promote(plan: dict[str, WeightRule], names: list[str]) -> dict[str, WeightRule]:
+    """The plan with `names` one step up: INT4 -> INT8, INT8 -> fp32 (dropped from the plan)."""
+    out = dict(plan)
+    for name in names:
+        if out[name].bits == 4:
+            out[name] = WeightRule(8, out[name].block, out[name].method)
+        else:
+            del out[name]
+    return out
+
+
 def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, calibration: str | None = None,
                       cache_dir: Path | None = None, verify: Callable[[Path], dict] | None = None,
-                      log=print) -> Path:
+                      keep_until_pass: bool = False, log=print) -> Path:
     """fp32 artifact -> quantized artifact; `verify(tmp_dir)` returns a parity report that is
-    written into the artifact before it is moved into place."""
+    written into the artifact before it is moved into place. With keep_until_pass, the decoder
+    weights with the largest measured quantization error are kept one step more precise
+    (1, 2, 4, ... of them) until the report passes."""
     src = Artifact.load(src_dir)
     out = Path(out_dir)
     if out.exists():
@@ -64,6 +77,8 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
     not_fp32 = [g for g, e in src.manifest["graphs"].items() if e["precision"] != "fp32"]
     if not_fp32:
         raise MossEdgeError(f"{src.root} is already quantized ({', '.join(not_fp32)}); quantize the fp32 export")
+    if keep_until_pass and verify is None:
+        raise MossEdgeError("keeping layers until the parity check passes needs the parity check (drop --no-verify)")
     stats = None
     if recipe.needs_calibration:
         samples = build_samples(find_audio(calibration), count=recipe.calibration_samples)
@@ -74,55 +89,79 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         manifest = json.loads(json.dumps(src.manifest))
+        manifest.pop("parity_report", None)
+        manifest.pop("parity", None)
         layers = {}
         for name, graph in recipe.graphs.items():
             source = src.graph_path(name)
-            target = tmp / f"{name}.onnx"
             log(f"{name}: {graph.precision}" + (f" ({graph.method}, block {graph.block})" if graph.precision in ("int4", "int8") else ""))
             if graph.precision == "fp32":
                 for f in src.manifest["graphs"][name]["files"]:
                     shutil.copy(src.root / f, tmp / f)
             elif graph.precision == "int8-dynamic":
-                _int8_dynamic(source, target)
+                _int8_dynamic(source, tmp / f"{name}.onnx")
             else:
-                plan = weight_plan(source, graph)
-                layers[name] = quantize_weights(source, target, plan, stats if name == "decoder" else None)
+                layers[name] = quantize_weights(source, tmp / f"{name}.onnx", weight_plan(source, graph),
+                                                stats if name == "decoder" else None)
             manifest["graphs"][name] = graph_entry(tmp, name, graph.precision)
         for f in src.manifest.get("tokenizer_files", []):
             shutil.copy(src.root / f, tmp / f)
         manifest["backends"] = recipe.backends
-        kernels = {g: cpu_kernels(tmp / f"{g}.onnx") for g, r in recipe.graphs.items() if r.precision != "fp32"}
-        manifest["quantization"] = {"recipe": recipe.to_dict(), "from": str(src.root.resolve()), "weights": layers,
-                                    "ort_cpu_kernels": kernels,
-                                    "weight_bytes": {g: weight_bytes(tmp / f"{g}.onnx") for g in layers}}
-        unfused = {g: k["dequantized_weights"] for g, k in kernels.items() if k["dequantized_weights"]}
-        if unfused:
-            log(f"warning: ONNX Runtime CPU left DequantizeLinear unfused in {unfused}: those weights run dequantized")
-        manifest.pop("parity_report", None)
-        manifest.pop("parity", None)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if verify is not None:
-            report = verify(tmp)
-            manifest["parity"] = report["summary"]
-            (tmp / "parity.json").write_text(json.dumps(report, indent=2))
-            manifest["parity_report"] = "parity.json"
+        manifest["quantization"] = {"recipe": recipe.to_dict(), "from": str(src.root.resolve())}
+        report = _check(tmp, manifest, recipe, layers, verify, log)
+        decoder = recipe.graphs["decoder"]
+        if keep_until_pass and not report["summary"]["passed"] and decoder.precision in ("int4", "int8"):
+            source = src.graph_path("decoder")
+            plan = weight_plan(source, decoder)
+            sensitivity = weight_sensitivity(source, plan, stats)
+            ranked = sorted(sensitivity, key=sensitivity.get, reverse=True)
+            count = 1
+            while not report["summary"]["passed"] and count <= len(ranked):
+                kept = ranked[:count]
+                log(f"parity failed; keeping the {count} most sensitive decoder weight(s) one step more precise")
+                for f in tmp.glob("decoder.onnx*"):
+                    f.unlink()
+                layers["decoder"] = quantize_weights(source, tmp / "decoder.onnx", promote(plan, kept), stats)
+                manifest["graphs"]["decoder"] = graph_entry(tmp, "decoder", decoder.precision)
+                manifest["quantization"]["kept_more_precise"] = {n: sensitivity[n] for n in kept}
+                report = _check(tmp, manifest, recipe, layers, verify, log)
+                count *= 2
         return write_artifact(tmp, out, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _check(tmp: Path, manifest: dict, recipe: Recipe, layers: dict, verify, log) -> dict | None:
+    """Record kernels and sizes in the manifest, then run the parity check (if any) into it."""
+    kernels = {g: cpu_kernels(tmp / f"{g}.onnx") for g, r in recipe.graphs.items() if r.precision != "fp32"}
+    manifest["quantization"].update(weights=layers, ort_cpu_kernels=kernels,
+                                    weight_bytes={g: weight_bytes(tmp / f"{g}.onnx") for g in layers})
+    unfused = {g: k["dequantized_weights"] for g, k in kernels.items() if k["dequantized_weights"]}
+    if unfused:
+        log(f"warning: ONNX Runtime CPU left DequantizeLinear unfused in {unfused}: those weights run dequantized")
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if verify is None:
+        return None
+    report = verify(tmp)
+    manifest["parity"] = report["summary"]
+    (tmp / "parity.json").write_text(json.dumps(report, indent=2))
+    manifest["parity_report"] = "parity.json"
+    return report
+
+
 def weight_bytes(graph_path: Path) -> dict:
-    """Bytes of the quantized weights (data + scales) and of the same weights in fp16."""
+    """Per bit width: bytes of the quantized weights (data + scales) and of the same weights in fp16."""
     model = onnx.load(str(graph_path), load_external_data=False)
-    sizes = {TensorProto.INT4: 0.5, TensorProto.INT8: 1, TensorProto.FLOAT: 4}
-    quantized = fp16 = 0
-    for init in model.graph.initializer:
-        count = int(np.prod(init.dims)) if init.dims else 1
-        if init.name.endswith(("_q4", "_q8")):
-            quantized += count * sizes[init.data_type]
-            fp16 += 2 * count
-        elif init.name.endswith("_scale"):
-            quantized += count * 4
-    return {"quantized_bytes": int(quantized), "fp16_bytes": int(fp16),
-            "ratio_to_fp16": quantized / fp16 if fp16 else None}
+    dims = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    out = {}
+    for name, count in dims.items():
+        for bits, suffix in ((4, "_q4"), (8, "_q8")):
+            if name.endswith(suffix):
+                scales = dims.get(name.removesuffix(suffix) + "_scale", 0)
+                entry = out.setdefault(f"int{bits}", {"quantized_bytes": 0, "fp16_bytes": 0})
+                entry["quantized_bytes"] += count * bits // 8 + scales * 4
+                entry["fp16_bytes"] += 2 * count
+    for entry in out.values():
+        entry["ratio_to_fp16"] = entry["quantized_bytes"] / entry["fp16_bytes"]
+    return out

@@ -149,3 +149,23 @@ def quantize_weights(src: Path, dst: Path, plan: dict[str, WeightRule], stats: d
     if writer.offset == 0:
         writer.path.unlink()
     return done
+
+
+def weight_sensitivity(src: Path, plan: dict[str, WeightRule], stats: dict[str, dict] | None = None) -> dict[str, float]:
+    """Relative output error of each planned MatMul weight under its rule (round to nearest):
+    sum_k h_k |W_k - Q(W)_k|^2 / sum_k h_k |W_k|^2 with h = E[x^2] of the input when known."""
+    from moss_edge.quantize.weights import dequantize_blocked
+
+    model = onnx.load(str(src), load_external_data=False)
+    inputs = {n.input[1]: n.input[0] for n in model.graph.node if n.op_type == "MatMul"}
+    out = {}
+    for init in model.graph.initializer:
+        rule = plan.get(init.name)
+        if rule is None or init.name not in inputs:
+            continue
+        w = np.asarray(read_initializer(init, src.parent), np.float32)
+        h = stats[inputs[init.name]]["sq"] if stats and inputs[init.name] in stats else np.ones(w.shape[0], np.float32)
+        q, scale = quantize_blocked(w, rule.bits, rule.block)
+        err = (h[:, None] * (w - dequantize_blocked(q, scale, rule.block)) ** 2).sum()
+        out[init.name] = float(err / max((h[:, None] * w**2).sum(), 1e-30))
+    return out

@@ -56,19 +56,24 @@ def search_clip(w: np.ndarray, h: np.ndarray, bits: int, block: int) -> np.ndarr
 
 def awq_quantize(w: np.ndarray, h: np.ndarray, mean_abs: np.ndarray, bits: int, block: int):
     """Activation-aware quantization: scale input channel k by s_k = mean|x_k|^alpha before
-    quantizing (the MatMul input is divided by s). alpha is chosen by the activation-weighted
-    error at full range, then each block's clipping for that alpha.
+    quantizing (the MatMul input is divided by s); alpha and each block's clipping are chosen by
+    the activation-weighted error (a coarse joint search, then the full clip grid for the best
+    alpha). alpha = 0 with no clipping is plain rounding, so this never does worse by that error.
     Returns (q, scale, input_scale s or None when alpha = 0)."""
+    # alpha is one number per matrix: judge it on a fixed sample of output columns
+    cols = np.random.default_rng(0).choice(w.shape[1], min(w.shape[1], 512), replace=False)
+    sample = w[:, cols]
     best = None
     for alpha in ALPHA_GRID:
         s = np.maximum(mean_abs, 1e-6) ** alpha
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)  # keep scales centred on 1
-        ws, hs = w * s[:, None], h / s**2  # the error of (x / s) @ (W s), in the scaled space
-        q, scale = quantize_blocked(ws, bits, block)
+        ws, hs = sample * s[:, None], h / s**2  # the error of (x / s) @ (W s), in the scaled space
+        q, scale = quantize_blocked(ws, bits, block, search_clip(ws, hs, bits, block))
         err = float(_weighted_error(ws, dequantize_blocked(q, scale, block), hs, block).sum())
         if best is None or err < best[0]:
-            best = (err, ws, hs, None if alpha == 0 else s)
-    _, ws, hs, s = best
+            best = (err, s if alpha else None)
+    s = best[1]
+    ws, hs = (w * s[:, None], h / s**2) if s is not None else (w, h)
     q, scale = quantize_blocked(ws, bits, block, search_clip(ws, hs, bits, block))
     return q, scale, s
 

@@ -15,7 +15,7 @@ from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens, place_audio, stream_text
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids, expand_audio_spans
 from moss_edge.runtime.sampling import SamplingOptions, split_thinking
-from moss_edge.runtime.session import make_session
+from moss_edge.runtime.session import ShapeLimits, make_session, trt_profiles
 
 AudioInput = str | Path | bytes | tuple[np.ndarray, int] | np.ndarray
 
@@ -107,7 +107,8 @@ class Pipeline:
     """A loaded artifact. One request at a time: the decoder's KV cache is per pipeline, so
     concurrent calls are serialised by a lock; load one Pipeline per worker for parallelism."""
 
-    def __init__(self, artifact: Artifact, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, artifact: Artifact, provider: str = "cpu", threads: int | None = None,
+                 limits: ShapeLimits | None = None):
         import threading
 
         backends = artifact.manifest.get("backends", ["cpu", "cuda", "tensorrt"])
@@ -119,17 +120,21 @@ class Pipeline:
         self.ids = artifact.token_ids
         self.model = artifact.model
         cache = artifact.root / "trt_cache"
-        self.encoder = make_session(artifact.graph_path("encoder"), provider, threads, cache)
-        self.adapter = make_session(artifact.graph_path("adapter"), provider, threads, cache)
-        self.decoder = DecoderRunner(make_session(artifact.graph_path("decoder"), provider, threads, cache), self.model)
+
+        def session(graph):
+            profiles = trt_profiles(graph, self.model, limits or ShapeLimits()) if provider == "tensorrt" else None
+            return make_session(artifact.graph_path(graph), provider, threads, cache, profiles)
+
+        self.encoder, self.adapter = session("encoder"), session("adapter")
+        self.decoder = DecoderRunner(session("decoder"), self.model)
         files = artifact.manifest.get("tokenizer_files", [])
         self.tokenizer = TextTokenizer.from_dir(artifact.root) if files else None
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-             check_hashes: bool = True) -> "Pipeline":
-        return cls(Artifact.load(artifact_dir, check_hashes), provider, threads)
+             check_hashes: bool = True, limits: ShapeLimits | None = None) -> "Pipeline":
+        return cls(Artifact.load(artifact_dir, check_hashes), provider, threads, limits)
 
     def encode(self, clips: list[AudioInput]) -> AudioFeatures:
         if not clips:

@@ -15,7 +15,6 @@ from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.audio import load_audio, log_mel
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.pipeline import Pipeline
-from moss_edge.runtime.sampling import SamplingOptions
 
 RUNTIME_ONLY = """
 import json, sys
