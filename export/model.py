@@ -126,9 +126,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # one op (opset 23 RMSNormalization); older opsets get it decomposed by the exporter
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: LanguageConfig) -> torch.Tensor:
@@ -160,12 +159,10 @@ class DecoderAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         k = torch.cat([past_k, k], dim=2)
         v = torch.cat([past_v, v], dim=2)
-        group = self.heads // self.kv_heads
-        kk = k.repeat_interleave(group, dim=1)
-        vv = v.repeat_interleave(group, dim=1)
-        scores = (q @ kk.transpose(-1, -2)) * self.head_dim**-0.5 + mask_bias
-        probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
-        out = (probs @ vv).transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
+        # one op with grouped KV heads (opset 23 Attention); decomposed for older opsets
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias.to(q.dtype), scale=self.head_dim**-0.5,
+                                             enable_gqa=True)
+        out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         return self.o_proj(out), k, v
 
 

@@ -183,6 +183,12 @@ def export_graphs(checkpoint_dir: Path, cfg, audio_token: int, out: Path, opset:
             ["logits", *[f"present_{c}" for c in cache]], out / "decoder.onnx", opset, weights)
 
 
+def backends_for_opset(opset: int) -> list[str]:
+    """Opset 23 brings single-op Attention and RMSNormalization (faster on ORT CPU), but
+    TensorRT 10.3 (JetPack 6) parses older opsets only: such an artifact is marked CPU-only."""
+    return ["cpu", "cuda", "tensorrt"] if opset <= 21 else ["cpu"]
+
+
 def checkpoint_hash(checkpoint_dir: Path) -> str:
     """sha256 over config.json and the weight files, in name order."""
     digest = hashlib.sha256()
@@ -237,7 +243,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
             "source": {"checkpoint": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)},
             "config": cfg.to_hf_dict(), "model": model_sizes(cfg),
             "graphs": {g: graph_entry(tmp, g, "fp32") for g in ("encoder", "adapter", "decoder")},
-            "token_ids": vars(ids), "tokenizer_files": tokenizer_files, "backends": {"cpu": "fp32", "cuda": "fp32", "tensorrt": "fp32"},
+            "token_ids": vars(ids), "tokenizer_files": tokenizer_files, "backends": backends_for_opset(opset),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         weights_bytes = 4 * sum(p.numel() for p in skeleton_model(cfg).parameters())

@@ -147,7 +147,7 @@ def extrapolate(by_depth: dict[int, dict], full_encoder: int, full_decoder: int)
 
 
 def run_bench(preset: str, depths: list[int], workdir: Path, settings: BenchSettings, recipes: list[str] = (),
-              log=print) -> dict:
+              opset: int = 21, log=print) -> dict:
     """Synthetic checkpoints at the preset's widths and each depth, their fp32 artifacts, and
     every backend timed on each; then the extrapolation to full depth and the ratios."""
     from moss_edge.export.onnx_export import export_artifact
@@ -164,13 +164,13 @@ def run_bench(preset: str, depths: list[int], workdir: Path, settings: BenchSett
         if not checkpoint.exists():
             log(f"writing a synthetic {preset} checkpoint with {depth} encoder and decoder layers")
             write_synthetic_checkpoint(checkpoint, make_preset(preset, depth, depth), dtype="bf16")
-        artifact = workdir / f"{preset}-{depth}l-fp32"
+        artifact = workdir / f"{preset}-{depth}l-fp32-opset{opset}"
         if not artifact.exists():
             log(f"exporting {checkpoint.name}")
-            export_artifact(checkpoint, artifact, verify_steps=0, log=lambda m: None)
+            export_artifact(checkpoint, artifact, opset=opset, verify_steps=0, log=lambda m: None)
         variants = [("torch-bf16", checkpoint), ("torch-fp32", checkpoint), ("ort-fp32", artifact)]
         for recipe in recipes:
-            quantized = workdir / f"{preset}-{depth}l-{recipe}"
+            quantized = workdir / f"{preset}-{depth}l-{recipe}-opset{opset}"
             if not quantized.exists():
                 log(f"quantizing {artifact.name} with {recipe}")
                 quantize_artifact(artifact, quantized, load_recipe(recipe), cache_dir=workdir / "cache", log=lambda m: None)
@@ -179,7 +179,8 @@ def run_bench(preset: str, depths: list[int], workdir: Path, settings: BenchSett
             log(f"timing {backend} at {depth} layers")
             runs.setdefault(backend, {})[depth] = run_worker("ort" if backend.startswith("ort") else backend, path, settings)
             sizes.setdefault(backend, {})[depth] = directory_mib(path)
-    result = {"preset": preset, "depths": depths, "settings": asdict(settings), "runs": runs, "size_mib": sizes}
+    result = {"preset": preset, "depths": depths, "opset": opset, "settings": asdict(settings), "runs": runs,
+              "size_mib": sizes}
     if len(depths) >= 2:
         result["extrapolated"] = {b: extrapolate(r, full.audio.encoder_layers, full.language.num_hidden_layers)
                                   for b, r in runs.items()}

@@ -172,7 +172,7 @@ def cmd_bench(args) -> None:
     settings = BenchSettings(audio_seconds=args.audio_seconds, decode_tokens=args.decode_tokens, threads=args.threads)
     depths = [int(d) for d in args.depths.split(",")]
     recipes = [r for r in args.recipes.split(",") if r]
-    result = run_bench(args.preset, depths, workdir, settings, recipes, log=lambda m: print(m, file=sys.stderr))
+    result = run_bench(args.preset, depths, workdir, settings, recipes, args.opset, log=lambda m: print(m, file=sys.stderr))
     Path(args.output).write_text(json.dumps(result, indent=2))
     from moss_edge.plots import bench_chart
 
@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: moss-edge export MOSS-Audio-4B-Instruct -o moss-4b-fp32")
     p.add_argument("checkpoint", help="a MOSS-Audio checkpoint folder (Hugging Face layout)")
     p.add_argument("-o", "--output", required=True, help="the artifact folder to create")
-    p.add_argument("--opset", type=int, default=21)
+    p.add_argument("--opset", type=int, default=21,
+                   help="21 (default) runs everywhere incl. TensorRT 10.3; 23 fuses attention and RMSNorm (ORT CPU only)")
     p.add_argument("--verify-steps", type=int, default=16, help="decode steps in the parity check")
     p.set_defaults(func=cmd_export)
 
@@ -300,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--recipes", default="int8,int4,int4-awq", help="quantization recipes to time too (comma list)")
+    p.add_argument("--opset", type=int, default=21, help="opset of the exported graphs (23: fused attention, CPU only)")
     p.add_argument("-o", "--output", default="bench.json")
     p.set_defaults(func=cmd_bench)
 

@@ -106,7 +106,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
             manifest["graphs"][name] = graph_entry(tmp, name, graph.precision)
         for f in src.manifest.get("tokenizer_files", []):
             shutil.copy(src.root / f, tmp / f)
-        manifest["backends"] = recipe.backends
+        manifest["backends"] = sorted(set(recipe.backends) & set(src.manifest.get("backends", recipe.backends)))
         manifest["quantization"] = {"recipe": recipe.to_dict(), "from": str(src.root.resolve())}
         report = _check(tmp, manifest, recipe, layers, verify, log)
         decoder = recipe.graphs["decoder"]

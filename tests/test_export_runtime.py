@@ -139,3 +139,16 @@ def test_tampering_is_detected(synthetic_artifact, tmp_path):
     (art / "manifest.json").write_text("{truncated")
     with pytest.raises(MossEdgeError, match="corrupted"):
         Artifact.load(art)
+
+
+def test_opset23_fuses_attention_and_is_cpu_only(synthetic_checkpoint, tmp_path):
+    from moss_edge.export.onnx_export import export_artifact
+
+    out = export_artifact(synthetic_checkpoint, tmp_path / "o23", opset=23, verify_steps=8, log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and manifest["parity"]["prefill_logits_rel"] < 1e-4
+    ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node}
+    assert {"Attention", "RMSNormalization"} <= ops
+    assert manifest["backends"] == ["cpu"]
+    with pytest.raises(MossEdgeError, match="does not run on tensorrt"):
+        Pipeline.load(out, provider="tensorrt")
