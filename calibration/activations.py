@@ -44,6 +44,44 @@ def matmul_inputs(decoder: onnx.ModelProto, weights: Iterable[str]) -> list[str]
     return names
 
 
+def tap_session(artifact: Path, graph: str, weights: Iterable[str]) -> tuple[list[str], ort.InferenceSession]:
+    """A session of the artifact's fp32 graph that also returns the inputs of the MatMuls of
+    `weights`; loaded from memory, its external data read from the artifact's folder."""
+    model = onnx.load(str(artifact / f"{graph}.onnx"), load_external_data=False)
+    names = matmul_inputs(model, weights)
+    for name in names:
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(artifact))
+    opts.intra_op_num_threads = available_cores()
+    opts.log_severity_level = 3
+    return names, ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def activation_ranges(artifact: Path, graph: str, weights: list[str], samples: list[CalibrationSample],
+                      method: str = "percentile") -> dict[str, float]:
+    """Per MatMul input of the encoder or adapter: the largest |x| ("minmax") or the largest
+    per-sample 99.99th percentile of |x| ("percentile", robust to rare spikes)."""
+    from moss_edge.runtime.audio import chunk_mels, log_mel
+
+    pipe = Pipeline.load(artifact, check_hashes=False)
+    names, session = tap_session(artifact, graph, weights)
+    ranges: dict[str, float] = {}
+    for sample in progress(samples, f"calibrating {graph}"):
+        wave = sample.waveform()
+        if graph == "encoder":
+            batch = chunk_mels([log_mel(wave)], pipe.model["chunk_frames"])
+            feeds = {"mel": batch.mel, "frames": batch.frames}
+        else:
+            features = pipe.encode([wave])
+            feeds = {"audio_tokens": features.tokens, "taps": features.taps}
+        for name, x in zip(names, session.run(names, feeds)):
+            x = np.abs(x)
+            value = float(x.max() if method == "minmax" else np.percentile(x, 99.99))
+            ranges[name] = max(ranges.get(name, 0.0), value)
+    return ranges
+
+
 def decoder_input_stats(artifact: Path, weights: list[str], samples: list[CalibrationSample],
                         cache_dir: Path | None = None) -> dict[str, dict[str, np.ndarray]]:
     """{matmul input name: {"sq": E[x^2], "abs": E[|x|]}} from the artifact's fp32 decoder."""
@@ -51,16 +89,7 @@ def decoder_input_stats(artifact: Path, weights: list[str], samples: list[Calibr
     if cache and cache.is_file():
         return _unpack(np.load(cache))
     pipe = Pipeline.load(artifact, check_hashes=False)
-    decoder = onnx.load(str(artifact / "decoder.onnx"), load_external_data=False)
-    names = matmul_inputs(decoder, weights)
-    for name in names:
-        decoder.graph.output.append(onnx.ValueInfoProto(name=name))
-    # Loaded from memory; its external data is read from the artifact's folder.
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(artifact))
-    opts.intra_op_num_threads = available_cores()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(decoder.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names, session = tap_session(artifact, "decoder", weights)
     sums = {n: [0.0, 0.0] for n in names}
     count = 0
     for sample in progress(samples, "calibrating decoder"):

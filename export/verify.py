@@ -12,7 +12,7 @@ from moss_edge.export.reference import ReferencePipeline
 from moss_edge.runtime.audio import load_audio, log_mel
 from moss_edge.runtime.generation import generate_tokens
 from moss_edge.runtime.pipeline import Pipeline
-from moss_edge.runtime.prompt import TokenIds, read_token_ids
+from moss_edge.runtime.prompt import TokenIds
 from moss_edge.runtime.sampling import SamplingOptions
 
 # Per precision: worst graph-output cosine, relative error (fp32 only), mean / max KL of the
@@ -59,10 +59,9 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                     provider: str = "cpu") -> dict:
     """Compare an artifact with the fp32 PyTorch model; returns the report (see `summary`)."""
     if not isinstance(reference, MossAudio):
-        ids = ids or read_token_ids(reference)
         reference = load_model(reference, torch.float32)
     pipe = Pipeline.load(artifact_dir, provider)
-    ids = ids or pipe.ids
+    ids = ids or pipe.ids  # the artifact records the ids it was exported with
     pipe.ids = ids
     ref = ReferencePipeline(reference, ids)
     audio = audio or [bundled_audio()]
@@ -98,7 +97,8 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                                       SamplingOptions(max_new_tokens=steps), stop_ids=[]))
     prefix = next((i for i, (a, b) in enumerate(zip(art_tokens, ref_tokens)) if a != b), len(ref_tokens))
 
-    precision = max((g["precision"].removesuffix("-dynamic") for g in pipe.artifact.manifest["graphs"].values()),
+    classes = {"int8-dynamic": "int8", "w8a8": "int8"}
+    precision = max((classes.get(g["precision"], g["precision"]) for g in pipe.artifact.manifest["graphs"].values()),
                     key=ORDER.index)
     limits = THRESHOLDS[precision]
     end_to_end = {

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from moss_edge.calibration.activations import decoder_input_stats
+from moss_edge.calibration.activations import activation_ranges, decoder_input_stats
 from moss_edge.calibration.dataset import build_samples, find_audio
 from moss_edge.quantize.kernels import cpu_kernels
 from moss_edge.quantize.graph import WeightRule, quantize_weights, weight_sensitivity
@@ -22,7 +22,7 @@ def weight_plan(graph_path: Path, recipe: GraphRecipe) -> dict[str, WeightRule]:
     """Every 2-D weight of a MatMul (and the embedding table of a Gather) with its rule."""
     model = onnx.load(str(graph_path), load_external_data=False)
     dims = {i.name: list(i.dims) for i in model.graph.initializer}
-    bits = {"int4": 4, "int8": 8}
+    bits = {"int4": 4, "int8": 8, "w8a8": 8}
     plan = {}
     for node in model.graph.node:
         if node.op_type == "MatMul" and len(dims.get(node.input[1], [])) == 2:
@@ -36,7 +36,8 @@ def weight_plan(graph_path: Path, recipe: GraphRecipe) -> dict[str, WeightRule]:
         if precision == "fp32" or any(k in name for k in recipe.keep) or rows % recipe.block:
             continue
         table = "lm_head" in name or node.op_type == "Gather"
-        plan[name] = WeightRule(bits[precision], recipe.block, "rtn" if table else recipe.method)
+        plan[name] = WeightRule(bits[precision], recipe.block, "rtn" if table else recipe.method,
+                                per_channel=precision == "w8a8")
     return plan
 
 
@@ -79,12 +80,18 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
         raise MossEdgeError(f"{src.root} is already quantized ({', '.join(not_fp32)}); quantize the fp32 export")
     if keep_until_pass and verify is None:
         raise MossEdgeError("keeping layers until the parity check passes needs the parity check (drop --no-verify)")
-    stats = None
+    stats, ranges = None, {}
     if recipe.needs_calibration:
         samples = build_samples(find_audio(calibration), count=recipe.calibration_samples)
         log(f"calibration: {len(samples)} samples from {len({s.path for s in samples})} file(s)")
-        plan = weight_plan(src.graph_path("decoder"), recipe.graphs["decoder"])
-        stats = decoder_input_stats(src.root, list(plan), samples, cache_dir)
+        decoder = recipe.graphs["decoder"]
+        if decoder.method != "rtn" and decoder.precision in ("int4", "int8"):
+            plan = weight_plan(src.graph_path("decoder"), decoder)
+            stats = decoder_input_stats(src.root, list(plan), samples, cache_dir)
+        for name, graph in recipe.graphs.items():
+            if graph.precision == "w8a8":
+                plan = weight_plan(src.graph_path(name), graph)
+                ranges[name] = activation_ranges(src.root, name, list(plan), samples, graph.activations)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -94,15 +101,16 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
         layers = {}
         for name, graph in recipe.graphs.items():
             source = src.graph_path(name)
-            log(f"{name}: {graph.precision}" + (f" ({graph.method}, block {graph.block})" if graph.precision in ("int4", "int8") else ""))
+            log(f"{name}: {graph.precision}" + (f" ({graph.method}, block {graph.block})" if graph.precision in ("int4", "int8") else ""))  # noqa: E501
             if graph.precision == "fp32":
                 for f in src.manifest["graphs"][name]["files"]:
                     shutil.copy(src.root / f, tmp / f)
             elif graph.precision == "int8-dynamic":
                 _int8_dynamic(source, tmp / f"{name}.onnx")
             else:
+                scales = {act: max(r, 1e-8) / 127 for act, r in ranges.get(name, {}).items()}
                 layers[name] = quantize_weights(source, tmp / f"{name}.onnx", weight_plan(source, graph),
-                                                stats if name == "decoder" else None)
+                                                stats if name == "decoder" else None, scales or None)
             manifest["graphs"][name] = graph_entry(tmp, name, graph.precision)
         for f in src.manifest.get("tokenizer_files", []):
             shutil.copy(src.root / f, tmp / f)

@@ -24,6 +24,7 @@ class WeightRule:
     bits: int  # 4 or 8
     block: int  # rows per scale along the input dimension
     method: str = "rtn"  # "rtn", "clip" (activation-weighted clipping) or "awq"
+    per_channel: bool = False  # one scale per output column (the INT8 layout TensorRT takes for W8A8)
 
 
 def read_initializer(init: TensorProto, root: Path) -> np.ndarray:
@@ -67,6 +68,8 @@ class ExternalWriter:
 def _quantized(name: str, w: np.ndarray, rule: WeightRule, stats: dict | None, axis: int, writer: ExternalWriter):
     """Initializers and nodes replacing weight `name`; axis is the input (blocked) dimension."""
     mat = w if axis == 0 else w.T  # quantize_blocked blocks along rows
+    if rule.per_channel:
+        rule = WeightRule(rule.bits, mat.shape[0], rule.method, True)
     input_scale = None
     if rule.method == "awq" and stats is not None:
         q, scale, input_scale = awq_quantize(mat, stats["sq"], stats["abs"], rule.bits, rule.block)
@@ -77,20 +80,26 @@ def _quantized(name: str, w: np.ndarray, rule: WeightRule, stats: dict | None, a
     if axis == 1:
         q, scale = q.T, scale.T
     q = np.ascontiguousarray(q)
+    if rule.per_channel:  # computed as one block of all rows; stored as a per-axis scale [N]
+        scale = scale.reshape(-1)
     raw = pack_int4(q) if rule.bits == 4 else q.astype(np.int8).tobytes()
     data_type = TensorProto.INT4 if rule.bits == 4 else TensorProto.INT8
     inits = [writer.tensor(f"{name}_q{rule.bits}", data_type, q.shape, raw),
              writer.tensor(f"{name}_scale", TensorProto.FLOAT, scale.shape, np.ascontiguousarray(scale).tobytes())]
+    blocking = {} if rule.per_channel else {"block_size": rule.block}
     node = helper.make_node("DequantizeLinear", [f"{name}_q{rule.bits}", f"{name}_scale"], [name],
-                            name=f"{name}_dequantize", axis=axis, block_size=rule.block)
+                            name=f"{name}_dequantize", axis=1 - axis if rule.per_channel else axis, **blocking)
     return inits, node, input_scale
 
 
-def quantize_weights(src: Path, dst: Path, plan: dict[str, WeightRule], stats: dict[str, dict] | None = None) -> dict:
+def quantize_weights(src: Path, dst: Path, plan: dict[str, WeightRule], stats: dict[str, dict] | None = None,
+                     activation_scales: dict[str, float] | None = None) -> dict:
     """Write dst (+ dst.data) from src with the initializers in `plan` quantized.
 
     stats maps a MatMul input tensor name to {"sq": E[x^2], "abs": E[|x|]} per input channel,
-    for the data-aware methods. Returns {initializer: {"bits", "block", "method", "awq"}}."""
+    for the data-aware methods. activation_scales (W8A8) maps a MatMul input to the scale of a
+    symmetric INT8 QuantizeLinear/DequantizeLinear pair put in front of the MatMul.
+    Returns {initializer: {"bits", "block", "method", "awq"}}."""
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -135,7 +144,20 @@ def quantize_weights(src: Path, dst: Path, plan: dict[str, WeightRule], stats: d
                     before.setdefault(id(user), []).append(
                         helper.make_node("Mul", [user.input[0], inv.name], [scaled], name=f"{init.name}_awq"))
                     user.input[0] = scaled
-            done[init.name] = {"bits": rule.bits, "block": rule.block, "method": rule.method, "awq": input_scale is not None}
+            for user in users:
+                act = user.input[0]
+                if user.op_type == "MatMul" and activation_scales and act in activation_scales:
+                    scale = writer.tensor(f"{init.name}_act_scale", TensorProto.FLOAT, [],
+                                          np.float32(activation_scales[act]).tobytes())
+                    zero = writer.tensor(f"{init.name}_act_zero", TensorProto.INT8, [], np.int8(0).tobytes())
+                    new_inits += [scale, zero]
+                    q, dq = f"{init.name}_act_q", f"{init.name}_act_dq"
+                    before.setdefault(id(user), []).extend([
+                        helper.make_node("QuantizeLinear", [act, scale.name, zero.name], [q], name=q),
+                        helper.make_node("DequantizeLinear", [q, scale.name, zero.name], [dq], name=dq)])
+                    user.input[0] = dq
+            done[init.name] = {"bits": rule.bits, "block": rule.block, "method": rule.method, "awq": input_scale is not None,
+                               "activations": bool(activation_scales and any(u.input[0].endswith("_act_dq") for u in users))}
     finally:
         writer.close()
     del graph.initializer[:]

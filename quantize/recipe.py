@@ -7,13 +7,13 @@ from pathlib import Path
 from moss_edge.runtime.errors import MossEdgeError
 
 GRAPHS = ("encoder", "adapter", "decoder")
-PRECISIONS = ("fp32", "int8", "int8-dynamic", "int4")
+PRECISIONS = ("fp32", "int8", "int8-dynamic", "int4", "w8a8")
 METHODS = ("rtn", "clip", "awq")
 TABLE_PRECISIONS = ("fp32", "int8", "int4")
 # Which ONNX Runtime providers run a graph of each precision. Dynamic INT8 (MatMulInteger with
 # runtime activation quantization) is the fastest INT8 on ORT CPU; TensorRT does not take it.
 BACKENDS = {"fp32": {"cpu", "cuda", "tensorrt"}, "int8": {"cpu", "cuda", "tensorrt"},
-            "int4": {"cpu", "cuda", "tensorrt"}, "int8-dynamic": {"cpu"}}
+            "int4": {"cpu", "cuda", "tensorrt"}, "int8-dynamic": {"cpu"}, "w8a8": {"cpu", "cuda", "tensorrt"}}
 
 
 @dataclass
@@ -24,6 +24,7 @@ class GraphRecipe:
     lm_head: str = "int8"  # decoder only
     embedding: str = "int8"  # decoder only
     keep: list[str] = field(default_factory=list)  # weight-name fragments kept in fp32
+    activations: str = "percentile"  # w8a8 activation ranges: percentile (99.99th) or minmax
 
     def check(self, graph: str) -> None:
         if self.precision not in PRECISIONS:
@@ -36,6 +37,10 @@ class GraphRecipe:
             raise MossEdgeError(f"{graph}: lm_head {self.lm_head!r} is not one of {', '.join(TABLE_PRECISIONS)}")
         if self.embedding not in ("fp32", "int8"):  # rows are gathered before dequantizing; int4 Gather is not portable
             raise MossEdgeError(f"{graph}: embedding {self.embedding!r} must be fp32 or int8")
+        if self.activations not in ("percentile", "minmax"):
+            raise MossEdgeError(f"{graph}: activations {self.activations!r} must be percentile or minmax")
+        if self.precision == "w8a8" and graph == "decoder":
+            raise MossEdgeError("decoder: w8a8 is for the encoder and adapter; the decoder takes int8 or int4 weights")
         if self.method != "rtn" and graph != "decoder":
             raise MossEdgeError(f"{graph}: data-aware methods are for the decoder; use rtn")
 
@@ -57,7 +62,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(g.method != "rtn" and g.precision in ("int4", "int8") for g in self.graphs.values())
+        return any((g.method != "rtn" and g.precision in ("int4", "int8")) or g.precision == "w8a8"
+                   for g in self.graphs.values())
 
 
 def _preset(name: str, encoder: str, adapter: str, decoder: GraphRecipe) -> Recipe:
@@ -73,6 +79,8 @@ PRESETS = {
     "int4-awq": lambda: _preset("int4-awq", "int8-dynamic", "fp32", GraphRecipe("int4", method="awq", block=128)),
     # every graph weight-only (DequantizeLinear): runs on TensorRT and CUDA as well as CPU
     "int4-trt": lambda: _preset("int4-trt", "int8", "fp32", GraphRecipe("int4", method="awq", block=128)),
+    # TensorRT INT8 tensor cores: encoder and adapter with calibrated INT8 activations (static QDQ)
+    "w8a8": lambda: _preset("w8a8", "w8a8", "w8a8", GraphRecipe("int4", method="awq", block=128)),
 }
 
 

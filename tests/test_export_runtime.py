@@ -152,3 +152,15 @@ def test_opset23_fuses_attention_and_is_cpu_only(synthetic_checkpoint, tmp_path)
     assert manifest["backends"] == ["cpu"]
     with pytest.raises(MossEdgeError, match="does not run on tensorrt"):
         Pipeline.load(out, provider="tensorrt")
+
+
+def test_concurrent_requests_on_one_pipeline(synthetic, upstream):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, pipe = synthetic
+    wave = load_audio(upstream["audio"])
+    clips = [wave[: 16000 * s] for s in (2, 5, 8, 3)]
+    alone = [pipe.generate(c, "What is said?", max_new_tokens=10).tokens for c in clips]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda c: pipe.generate(c, "What is said?", max_new_tokens=10).tokens, clips))
+    assert together == alone

@@ -164,3 +164,34 @@ def test_keep_until_pass_promotes_the_most_sensitive_weights(synthetic_artifact,
     assert all(weights[name]["bits"] == 8 for name in kept)
     others = [w for n, w in weights.items() if n not in kept and "lm_head" not in n and "embed" not in n]
     assert others and all(w["bits"] == 4 for w in others)
+
+
+def test_fixture_quantized_int8_and_int4(fixture_artifact, upstream, recipe_files, tmp_path):
+    for name, spec in (("int8", "int8"), ("int4", recipe_files["int4-rtn"])):
+        out = quantize_artifact(fixture_artifact, tmp_path / name, load_recipe(spec),
+                                verify=lambda d: verify_artifact(d, upstream["checkpoint"], steps=32), log=lambda m: None)
+        parity = json.loads((out / "manifest.json").read_text())["parity"]
+        assert parity["passed"], parity
+        tokens = Pipeline.load(out).generate(upstream["audio"], [upstream["ids"].audio_start, upstream["ids"].audio_end],
+                                             max_new_tokens=8).tokens
+        assert len(tokens) <= 8
+
+
+def test_w8a8_static_qdq_for_tensorrt(synthetic_artifact, synthetic_checkpoint, tmp_path):
+    spec = tmp_path / "w8a8.json"
+    spec.write_text(json.dumps({"encoder": {"precision": "w8a8"}, "adapter": {"precision": "w8a8", "activations": "minmax"},
+                                "decoder": {"precision": "int4", "block": 32}, "calibration_samples": 3}))
+    out = quantize_artifact(synthetic_artifact, tmp_path / "w8a8", load_recipe(str(spec)),
+                            verify=lambda d: verify_artifact(d, synthetic_checkpoint, steps=16), log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["passed"], manifest["parity"]
+    assert manifest["backends"] == ["cpu", "cuda", "tensorrt"]
+    import onnx
+
+    encoder = onnx.load(str(out / "encoder.onnx"))
+    quantize_nodes = [n for n in encoder.graph.node if n.op_type == "QuantizeLinear"]
+    weight_dq = [n for n in encoder.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_q8")]
+    assert quantize_nodes and len(weight_dq) == len(quantize_nodes)
+    assert all({a.name for a in n.attribute} == {"axis"} for n in weight_dq)  # per-channel, not blocked
+    scales = [i for i in encoder.graph.initializer if i.name.endswith("_act_scale")]
+    assert scales and all(onnx.numpy_helper.to_array(i) > 0 for i in scales)
