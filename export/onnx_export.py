@@ -155,22 +155,25 @@ def _export(module: nn.Module, args: tuple, dynamic_shapes, inputs: list[str], o
     ir.save(program.model, str(path), external_data=external)
 
 
-def export_graphs(checkpoint_dir: Path, cfg, audio_token: int, out: Path, opset: int = OPSET) -> None:
+def export_graphs(checkpoint_dir: Path, cfg, audio_token: int, out: Path, opset: int = OPSET, log=print) -> None:
     """Trace the three graphs on a placeholder model, then stream the checkpoint's weights in:
     memory stays at a few tensors whatever the model size."""
     model = skeleton_model(cfg)
     weights = CheckpointWeights(checkpoint_dir, model)
     a, lang = cfg.audio, cfg.language
     n, t = torch.export.Dim("chunks"), torch.export.Dim("frames", max=a.chunk_frames)
+    log("  [1/3] encoder")
     _export(EncoderGraph(model), (torch.randn(2, a.num_mel_bins, a.chunk_frames), torch.tensor([a.chunk_frames, 200])),
             ({0: n, 2: t}, {0: n}), ["mel", "frames"], ["audio_tokens", "taps"], out / "encoder.onnx", opset, weights)
 
+    log("  [2/3] adapter")
     tok = torch.export.Dim("tokens")
     n_taps = len(a.deepstack_encoder_layer_indexes)
     _export(AdapterGraph(model), (torch.randn(7, a.output_dim), torch.randn(n_taps, 7, a.output_dim)),
             ({0: tok}, {1: tok}), ["audio_tokens", "taps"], ["audio_embeds", "deepstack_embeds"],
             out / "adapter.onnx", opset, weights)
 
+    log(f"  [3/3] decoder ({lang.num_hidden_layers} layers)")
     b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     layers, h = lang.num_hidden_layers, lang.hidden_size
     past = tuple(torch.zeros(2, lang.num_key_value_heads, 3, lang.head_dim) for _ in range(2 * layers))
@@ -234,7 +237,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         log("exporting encoder, adapter and decoder to ONNX")
-        export_graphs(checkpoint_dir, cfg, ids.audio_token, tmp, opset)
+        export_graphs(checkpoint_dir, cfg, ids.audio_token, tmp, opset, log)
         tokenizer_files = [f for f in TOKENIZER_FILES if (checkpoint_dir / f).is_file()]
         for f in tokenizer_files:
             shutil.copy(checkpoint_dir / f, tmp / f)

@@ -61,7 +61,7 @@ def _measure(encode, prefill, step, n_chunks: int, settings: BenchSettings) -> d
     decode_s = time.perf_counter() - start
     return {"encoder_ms_per_chunk": encoder_s * 1000 / n_chunks, "encoder_s": encoder_s,
             "prefill_ms": prefill_s * 1000, "decode_ms_per_token": decode_s * 1000 / settings.decode_tokens,
-            "time_to_first_token_s": encoder_s + prefill_s,
+            "decode_tokens_per_s": settings.decode_tokens / decode_s, "time_to_first_token_s": encoder_s + prefill_s,
             "encoder_real_time_factor": encoder_s / settings.audio_seconds}
 
 
@@ -143,6 +143,7 @@ def extrapolate(by_depth: dict[int, dict], full_encoder: int, full_decoder: int)
         out[key] = r1[key] + (full - l1) * per_layer
         out[f"{key}_per_layer"] = per_layer
     out["time_to_first_token_s"] = out["encoder_s"] + out["prefill_ms"] / 1000
+    out["decode_tokens_per_s"] = 1000 / out["decode_ms_per_token"]
     return out
 
 
