@@ -212,6 +212,34 @@ def cmd_quantize(args) -> None:
         raise SystemExit(1)
 
 
+def cmd_train_tiny(args) -> None:
+    from moss_edge.export.train_tiny import train_tiny
+
+    if Path(args.output).exists():
+        raise FileExistsError(f"{args.output} already exists")
+    out = train_tiny(args.output, minutes=args.minutes, max_steps=args.steps, batch=args.batch, seed=args.seed,
+                     log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"wrote {out}: {json.loads((out / 'training.json').read_text())}")
+
+
+def cmd_eval(args) -> None:
+    from moss_edge.export.train_tiny import answerer, evaluate
+
+    if not Path(args.path).exists():
+        raise MossEdgeError(f"{args.path} not found: give a checkpoint folder or an artifact folder")
+    result = evaluate(answerer(args.path, args.no_deepstack, args.no_markers), n=args.n, seed=args.seed)
+    result.update(path=str(args.path), no_deepstack=args.no_deepstack, no_markers=args.no_markers)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"exact match {result['exact_match']:.3f}  event list {result['event_list_exact_match']:.3f}  "
+          f"start times {result['start_time_accuracy']:.3f}  (n={args.n}, seed={args.seed})")
+    for task, acc in result["per_task"].items():
+        print(f"  task {task:<6} {acc:.3f}")
+    for label, acc in result["per_class"].items():
+        print(f"  class {label:<14} {acc:.3f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moss-edge", description="Export, quantize and run MOSS-Audio on edge devices.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -304,6 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=21, help="opset of the exported graphs (23: fused attention, CPU only)")
     p.add_argument("-o", "--output", default="bench.json")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train-tiny", help="train the small sound-event MOSS-Audio on CPU",
+                       epilog="example: moss-edge train-tiny -o tiny-moss --minutes 25")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--minutes", type=float, default=25.0)
+    p.add_argument("--steps", type=int, help="stop after this many steps (default: the time budget)")
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_tiny)
+
+    p = sub.add_parser("eval", help="task accuracy of the sound-event model (checkpoint or artifact)",
+                       epilog="example: moss-edge eval tiny-moss-int4 --n 300 --json")
+    p.add_argument("path", help="a checkpoint folder (PyTorch reference) or an artifact folder (ONNX Runtime)")
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--seed", type=int, default=1234, help="held-out seed (training uses 0)")
+    p.add_argument("--no-deepstack", action="store_true", help="ablation: zero the DeepStack injection")
+    p.add_argument("--no-markers", action="store_true", help="ablation: no time markers in the prompt")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="show an artifact's manifest as a table", epilog="example: moss-edge info moss-4b-int4")
     p.add_argument("artifact")
