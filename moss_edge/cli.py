@@ -3,7 +3,6 @@
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from moss_edge import bundled_audio
@@ -19,52 +18,9 @@ def cmd_synthetic(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from moss_edge.bench import directory_mib
-    from moss_edge.export.onnx_export import export_artifact
-    from moss_edge.export.synthetic import preset, write_synthetic_checkpoint
-    from moss_edge.export.verify import report_markdown, verify_artifact
-    from moss_edge.quantize.artifact import quantize_artifact
-    from moss_edge.quantize.recipe import GraphRecipe, Recipe
-    from moss_edge.runtime.pipeline import Pipeline
+    from moss_edge.demo import run_demo
 
-    def step(message):
-        print(f"\n== {message}", flush=True)
-
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="moss-edge-demo-"))
-    checkpoint, fp32, quantized = work / "checkpoint", work / "artifact-fp32", work / "artifact-int4"
-    print("This demo uses a small RANDOM MOSS-Audio model (real architecture, random weights): its words are\n"
-          "meaningless; the parity, size and speed figures are real measurements.")
-    step(f"1/5 writing a synthetic checkpoint to {checkpoint}")
-    if not checkpoint.exists():
-        write_synthetic_checkpoint(checkpoint, preset("tiny"), dtype="fp32")
-    step("2/5 exporting encoder, adapter and decoder to ONNX (fp32), checking parity")
-    if not fp32.exists():
-        export_artifact(checkpoint, fp32, log=lambda m: None)
-    step("3/5 quantizing: encoder dynamic INT8, decoder INT4 (activation-aware, calibrated on bundled speech)")
-    if not quantized.exists():
-        # the tiny model's widths (64..128) need 32-row blocks; real models use the int4-awq preset (128)
-        recipe = Recipe("demo-int4", {"encoder": GraphRecipe("int8-dynamic"), "adapter": GraphRecipe("fp32"),
-                                      "decoder": GraphRecipe("int4", method="awq", block=32)})
-        quantize_artifact(fp32, quantized, recipe, cache_dir=work / "cache", log=lambda m: print(f"   {m}"))
-    audio = args.audio or bundled_audio()
-    question = "What happens between second 4 and second 8?"
-    step(f"4/5 asking the INT4 artifact about {Path(audio).name}: {question!r}")
-    pipe = Pipeline.load(quantized)
-    print("   answer: ", end="", flush=True)
-    for piece in pipe.stream(audio, question, max_new_tokens=args.max_new_tokens):
-        print(piece, end="", flush=True)
-    print()
-    step("5/5 parity with the PyTorch reference (held-out clip) and size / speed")
-    report = verify_artifact(quantized, checkpoint, steps=16)
-    print(report_markdown(report))
-    print(f"{'artifact':<10} {'MiB':>8} {'encode ms':>10} {'prefill ms':>11} {'decode ms/token':>16}")
-    for name, path in (("fp32", fp32), ("int4", quantized)):
-        run = Pipeline.load(path)
-        run.generate(audio, question, max_new_tokens=4)  # warm-up
-        t = run.generate(audio, question, max_new_tokens=args.max_new_tokens, temperature=0).timings
-        print(f"{name:<10} {directory_mib(path):>8.2f} {t['encode_s'] * 1000:>10.1f} {t['prefill_s'] * 1000:>11.1f} "
-              f"{t.get('decode_ms_per_token', float('nan')):>16.2f}")
-    print(f"\nfiles are in {work}")
+    run_demo(args.workdir, args.audio, args.max_new_tokens)
 
 
 def cmd_export(args) -> None:
@@ -248,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: moss-edge demo --workdir /tmp/moss-demo")
     p.add_argument("--workdir", help="where to keep the demo's files (default: a new temp folder)")
     p.add_argument("--audio", help="a recording to use instead of the bundled English clip")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=40)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("synthetic", help="write a random MOSS-Audio checkpoint in Hugging Face layout",
