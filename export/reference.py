@@ -1,6 +1,5 @@
 """The PyTorch reference pipeline: what every exported or quantized graph is compared with."""
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +9,9 @@ from moss_edge.export.checkpoint import load_model
 from moss_edge.export.model import MossAudio
 from moss_edge.runtime.audio import EncoderBatch, chunk_mels
 from moss_edge.runtime.generation import generate_tokens, place_audio
+from moss_edge.runtime.pipeline import AudioFeatures
 from moss_edge.runtime.prompt import TokenIds, read_token_ids
 from moss_edge.runtime.sampling import SamplingOptions
-
-
-@dataclass
-class AudioFeatures:
-    tokens: np.ndarray  # [n, out_dim] encoder output, valid tokens of all chunks in order
-    taps: np.ndarray  # [n_taps, n, out_dim]
-    embeds: np.ndarray  # [n, hidden] adapter output
-    deepstack: np.ndarray  # [K, n, hidden] merger outputs
-    clip_tokens: list[int]
 
 
 class ReferencePipeline:
