@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from moss_edge.export.config import AudioConfig, LanguageConfig, MossAudioConfig
 from moss_edge.export.model import MossAudio
@@ -66,8 +66,9 @@ def batch_loss(model: MossAudio, tok: TextTokenizer, ids: TokenIds, examples) ->
 
 
 def train_tiny(out_dir: str | Path, minutes: float = 25.0, max_steps: int | None = None, batch: int = 12,
-               lr: float = 2e-3, seed: int = 0, log=print) -> Path:
-    """Train until the time or step budget runs out; write a Hugging Face layout checkpoint."""
+               lr: float = 2e-3, seed: int = 0, resume: str | Path | None = None, log=print) -> Path:
+    """Train until the time or step budget runs out; write a Hugging Face layout checkpoint.
+    resume starts from a checkpoint written by an earlier run (a new schedule, new examples)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     raw = build_tokenizer()
@@ -75,9 +76,10 @@ def train_tiny(out_dir: str | Path, minutes: float = 25.0, max_steps: int | None
     vocab = 64 * math.ceil(raw.get_vocab_size() / 64)
     cfg = tiny_config(vocab)
     model = MossAudio(cfg)
+    start_weights = load_file(str(Path(resume) / "model.safetensors")) if resume else None
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(_init(name, tuple(p.shape), seed))
+            p.copy_(start_weights[name] if start_weights else _init(name, tuple(p.shape), seed))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     start, step, history = time.time(), 0, []
     budget = minutes * 60

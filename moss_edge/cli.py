@@ -174,7 +174,7 @@ def cmd_train_tiny(args) -> None:
     if Path(args.output).exists():
         raise FileExistsError(f"{args.output} already exists")
     out = train_tiny(args.output, minutes=args.minutes, max_steps=args.steps, batch=args.batch, seed=args.seed,
-                     log=lambda m: print(m, file=sys.stderr, flush=True))
+                     lr=args.lr, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {out}: {json.loads((out / 'training.json').read_text())}")
 
 
@@ -295,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=25.0)
     p.add_argument("--steps", type=int, help="stop after this many steps (default: the time budget)")
     p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", help="continue from a checkpoint an earlier run wrote")
     p.set_defaults(func=cmd_train_tiny)
 
     p = sub.add_parser("eval", help="task accuracy of the sound-event model (checkpoint or artifact)",

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 
 from moss_edge.export.tiny_task import CLASSES, TASKS, build_tokenizer, make_example, normalise
@@ -33,3 +35,5 @@ def test_training_steps_write_a_checkpoint_that_evaluates(tmp_path):
     assert result["n"] == 4 and 0.0 <= result["exact_match"] <= 1.0
     assert set(result["per_task"]) == set(TASKS)
     assert (out / "model.safetensors").stat().st_size < 25 * 2**20
+    resumed = train_tiny(tmp_path / "more", max_steps=1, batch=2, resume=out, log=lambda m: None)
+    assert json.loads((resumed / "training.json").read_text())["steps"] == 1
