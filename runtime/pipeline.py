@@ -1,6 +1,7 @@
 """The device-side pipeline: audio -> encoder -> adapter -> prompt -> decoder loop, on ONNX Runtime."""
 
 import io
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -109,8 +110,6 @@ class Pipeline:
 
     def __init__(self, artifact: Artifact, provider: str = "cpu", threads: int | None = None,
                  limits: ShapeLimits | None = None):
-        import threading
-
         backends = artifact.manifest.get("backends", ["cpu", "cuda", "tensorrt"])
         if provider not in backends:
             precisions = {g: e["precision"] for g, e in artifact.manifest["graphs"].items()}
