@@ -64,7 +64,7 @@ def activation_ranges(artifact: Path, graph: str, weights: list[str], samples: l
     per-sample 99.99th percentile of |x| ("percentile", robust to rare spikes)."""
     from moss_edge.runtime.audio import chunk_mels, log_mel
 
-    pipe = Pipeline.load(artifact, check_hashes=False)
+    pipe = Pipeline.load(artifact, check_hashes=False, with_decoder=False)
     names, session = tap_session(artifact, graph, weights)
     ranges: dict[str, float] = {}
     for sample in progress(samples, f"calibrating {graph}"):
@@ -88,7 +88,7 @@ def decoder_input_stats(artifact: Path, weights: list[str], samples: list[Calibr
     cache = cache_dir / f"decoder-stats-{cache_key(artifact, weights, samples)}.npz" if cache_dir else None
     if cache and cache.is_file():
         return _unpack(np.load(cache))
-    pipe = Pipeline.load(artifact, check_hashes=False)
+    pipe = Pipeline.load(artifact, check_hashes=False, with_decoder=False)
     names, session = tap_session(artifact, "decoder", weights)
     sums = {n: [0.0, 0.0] for n in names}
     count = 0

@@ -109,7 +109,7 @@ class Pipeline:
     concurrent calls are serialised by a lock; load one Pipeline per worker for parallelism."""
 
     def __init__(self, artifact: Artifact, provider: str = "cpu", threads: int | None = None,
-                 limits: ShapeLimits | None = None):
+                 limits: ShapeLimits | None = None, with_decoder: bool = True):
         backends = artifact.manifest.get("backends", ["cpu", "cuda", "tensorrt"])
         if provider not in backends:
             precisions = {g: e["precision"] for g, e in artifact.manifest["graphs"].items()}
@@ -125,15 +125,16 @@ class Pipeline:
             return make_session(artifact.graph_path(graph), provider, threads, cache, profiles)
 
         self.encoder, self.adapter = session("encoder"), session("adapter")
-        self.decoder = DecoderRunner(session("decoder"), self.model)
+        # audio-only users (calibration) skip the decoder: at 4B in fp32 it is the bulk of the memory
+        self.decoder = DecoderRunner(session("decoder"), self.model) if with_decoder else None
         files = artifact.manifest.get("tokenizer_files", [])
         self.tokenizer = TextTokenizer.from_dir(artifact.root) if files else None
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-             check_hashes: bool = True, limits: ShapeLimits | None = None) -> "Pipeline":
-        return cls(Artifact.load(artifact_dir, check_hashes), provider, threads, limits)
+             check_hashes: bool = True, limits: ShapeLimits | None = None, with_decoder: bool = True) -> "Pipeline":
+        return cls(Artifact.load(artifact_dir, check_hashes), provider, threads, limits, with_decoder)
 
     def encode(self, clips: list[AudioInput]) -> AudioFeatures:
         if not clips:
