@@ -12,6 +12,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 SR = 16000
 CLASSES = ("low tone", "mid tone", "high tone", "rising sweep", "falling sweep", "noise burst", "click train", "chord")
 TASKS = ("list", "when", "count", "at")
+MAX_EVENTS = 4
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 
 
@@ -51,17 +52,19 @@ def event_wave(label: str, seconds: float, rng: np.random.Generator) -> np.ndarr
     return rng.uniform(0.3, 0.6) * x * ramp
 
 
-def make_clip(rng: np.random.Generator) -> tuple[np.ndarray, list[Event]]:
-    """4-16 s with 1-4 events (starts on a 0.5 s grid, 0.3-2 s long, partial overlaps allowed)
-    in background noise at 5-30 dB SNR. Clips start at 4 s so every prompt has a full chunk,
-    which is how the encoder pads them at inference too."""
-    length = round(float(rng.uniform(4, 16)), 1)
-    starts = rng.choice(np.arange(0, length - 0.3, 0.5), size=int(rng.integers(1, 5)), replace=False)
-    events = []
+def make_clip(rng: np.random.Generator, length: float | None = None) -> tuple[np.ndarray, list[Event]]:
+    """4-16 s (or `length`) with 1-4 events (starts on a 0.5 s grid, 0.3-2 s long, partial overlaps
+    allowed) in background noise at 5-30 dB SNR. Clips start at 4 s so every prompt has a full
+    chunk, which is how the encoder pads them at inference too. An event never overlaps one of
+    its own class (two equal tones would sum into one sound with no audible second start)."""
+    length = round(float(rng.uniform(4, 16)), 1) if length is None else length
+    starts = rng.choice(np.arange(0, length - 0.3, 0.5), size=int(rng.integers(1, MAX_EVENTS + 1)), replace=False)
+    events: list[Event] = []
     wave = np.zeros(int(length * SR))
     for start in sorted(float(s) for s in starts):
         seconds = round(float(min(rng.uniform(0.3, 2.0), length - start)), 2)
-        label = CLASSES[int(rng.integers(len(CLASSES)))]
+        free = [c for c in CLASSES if all(e.label != c or e.start + e.seconds + 0.25 <= start for e in events)]
+        label = free[int(rng.integers(len(free)))]
         x = event_wave(label, seconds, rng)
         wave[int(start * SR) : int(start * SR) + x.size] += x
         events.append(Event(start, seconds, label))
@@ -74,24 +77,35 @@ def _time(seconds: float) -> str:
     return f"{seconds:.1f}"
 
 
+def ask(task: str, wave: np.ndarray, events: list[Event], rng: np.random.Generator) -> tuple[str, str]:
+    """One question about a clip and its answer."""
+    if task == "list":
+        return "List the events in order with their start times.", ", ".join(f"{_time(e.start)} {e.label}" for e in events)
+    if task == "when":
+        event = events[int(rng.integers(len(events)))]
+        first = next(e for e in events if e.label == event.label)
+        return f"When does the {event.label} start?", _time(first.start)
+    if task == "count":
+        return "How many events are there?", str(len(events))
+    second = int(rng.integers(0, int(len(wave) / SR)))
+    active = [e.label for e in events if e.start <= second < e.start + e.seconds]
+    return f"What happens at second {second}?", ", ".join(dict.fromkeys(active)) or "nothing"
+
+
+def training_questions(wave: np.ndarray, events: list[Event], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Every question a training clip is asked: the list, the count, when each of its classes
+    starts, and what happens at two seconds."""
+    out = [ask("list", wave, events, rng), ask("count", wave, events, rng)]
+    for label in dict.fromkeys(e.label for e in events):
+        first = next(e for e in events if e.label == label)
+        out.append((f"When does the {label} start?", _time(first.start)))
+    return out + [ask("at", wave, events, rng) for _ in range(2)]
+
+
 def make_example(rng: np.random.Generator, task: str | None = None) -> Example:
     wave, events = make_clip(rng)
     task = task or TASKS[int(rng.integers(len(TASKS)))]
-    if task == "list":
-        question = "List the events in order with their start times."
-        answer = ", ".join(f"{_time(e.start)} {e.label}" for e in events)
-    elif task == "when":
-        event = events[int(rng.integers(len(events)))]
-        first = next(e for e in events if e.label == event.label)
-        question, answer = f"When does the {event.label} start?", _time(first.start)
-    elif task == "count":
-        question, answer = "How many events are there?", str(len(events))
-    else:
-        second = int(rng.integers(0, int(len(wave) / SR)))
-        active = [e.label for e in events if e.start <= second < e.start + e.seconds]
-        question = f"What happens at second {second}?"
-        answer = ", ".join(dict.fromkeys(active)) or "nothing"
-    return Example(wave, events, task, question, answer)
+    return Example(wave, events, task, *ask(task, wave, events, rng))
 
 
 def _pre_tokenizer():

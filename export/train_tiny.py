@@ -3,6 +3,8 @@ and evaluate any checkpoint or artifact on held-out examples."""
 
 import json
 import math
+import shutil
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -10,14 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from moss_edge.export.config import AudioConfig, LanguageConfig, MossAudioConfig
 from moss_edge.export.model import MossAudio
 from moss_edge.export.synthetic import _init
-from moss_edge.export.tiny_task import TASKS, build_tokenizer, make_example, normalise
+from moss_edge.export.tiny_task import (CLASSES, MAX_EVENTS, TASKS, build_tokenizer, make_clip, make_example, normalise,
+                                        training_questions)
 from moss_edge.runtime.audio import chunk_mels, log_mel
-from moss_edge.runtime.prompt import TextTokenizer, TokenIds, chat_prompt_ids
+from moss_edge.runtime.prompt import TOKENS_PER_SECOND, TextTokenizer, TokenIds, chat_prompt_ids
 
 SYSTEM = "You are a helpful assistant."
 
@@ -38,37 +42,99 @@ def token_ids(tok) -> TokenIds:
                     stop=[get("<|im_end|>"), get("<|endoftext|>")])
 
 
-def batch_loss(model: MossAudio, tok: TextTokenizer, ids: TokenIds, examples) -> torch.Tensor:
-    """Teacher-forced cross-entropy on the answer tokens (and the closing <|im_end|>)."""
-    batch = chunk_mels([log_mel(e.wave) for e in examples], model.cfg.audio.chunk_frames)
+PROBE_LAYER = 1  # the decoder layer whose audio positions the training probes read
+TIME_BINS = 32  # 0.5 s bins of a clip of up to 16 s
+
+
+class Probes(nn.Module):
+    """Training-only linear heads on the decoder's audio positions: the 0.5 s bin a token lies in,
+    which classes sound and start there, and how many events have started so far. These dense
+    targets teach the decoder to read the time off the markers and to number the events far
+    sooner than the short answers alone do. They are not saved."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.time = nn.Linear(hidden, TIME_BINS)
+        self.events = nn.Linear(hidden, 2 * len(CLASSES))
+        self.started = nn.Linear(hidden, MAX_EVENTS + 1)
+
+
+def token_targets(events, n_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per audio token: its 0.5 s bin, [active classes, classes starting here] as 0/1, and the
+    number of events that have started by then."""
+    centre = (np.arange(n_tokens) + 0.5) / TOKENS_PER_SECOND
+    bins = np.minimum(centre // 0.5, TIME_BINS - 1).astype(np.int64)
+    marks = np.zeros((n_tokens, 2 * len(CLASSES)), dtype=np.float32)
+    started = np.zeros(n_tokens, dtype=np.int64)
+    for e in events:
+        c = CLASSES.index(e.label)
+        marks[(centre >= e.start) & (centre < e.start + e.seconds), c] = 1
+        first = int(e.start * TOKENS_PER_SECOND)  # the token holding the onset, and the next
+        marks[first : first + 2, len(CLASSES) + c] = 1
+        started[first:] += 1
+    return bins, marks, started
+
+
+def clips_loss(model: MossAudio, probes: Probes, tok: TextTokenizer, ids: TokenIds, clips, rng) -> torch.Tensor:
+    """Loss on clips of equal length: the shared prefix (system prompt and audio) runs once per
+    clip, then each of its `training_questions` continues from its KV cache, exactly as at
+    inference. Teacher-forced cross-entropy on the answers (and <|im_end|>), plus the probes;
+    returns (loss to minimise, {answer cross-entropy, time-probe accuracy})."""
+    batch = chunk_mels([log_mel(wave) for wave, _ in clips], model.cfg.audio.chunk_frames)
+    n = batch.clip_tokens[0]
+    assert all(c == n for c in batch.clip_tokens), "clips of one step must have equal length"
     tokens, taps = model.audio_encoder(torch.from_numpy(batch.mel), torch.from_numpy(batch.frames))
     valid = torch.arange(tokens.shape[1])[None, :] < torch.from_numpy(batch.tokens)[:, None]
     embeds, deepstack = model.adapt(tokens[valid], taps[:, valid])
-    rows, labels = [], []
-    for example, n in zip(examples, batch.clip_tokens):
-        prompt = chat_prompt_ids(tok, example.question, [n], ids, SYSTEM)
-        answer = tok.encode(example.answer) + [ids.stop[0]]
-        rows.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
-    length = max(map(len, rows))
-    input_ids = torch.tensor([r + [ids.stop[0]] * (length - len(r)) for r in rows])
-    target = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels])
+
     lm = model.language_model
-    audio = input_ids == ids.audio_token
-    x = lm.embed_tokens(input_ids)
-    x = x.masked_scatter(audio[..., None], embeds)  # rows in example order = row-major order of the mask
+    full = chat_prompt_ids(tok, "", [n], ids, SYSTEM)
+    prefix = full[: full.index(ids.audio_end) + 1]
+    prefix_ids = torch.tensor([prefix] * len(clips))
+    audio = prefix_ids == ids.audio_token
+    x = lm.embed_tokens(prefix_ids).masked_scatter(audio[..., None], embeds)
     inject = torch.zeros((deepstack.shape[0], *x.shape), dtype=x.dtype)
     inject[:, audio] = deepstack
-    empty = [torch.zeros(len(rows), lm.cfg.num_key_value_heads, 0, lm.cfg.head_dim)] * lm.cfg.num_hidden_layers
-    hidden, _, _ = lm(x, torch.arange(length)[None].expand(len(rows), -1), empty, empty, inject)
+    probed = []
+    hook = lm.layers[PROBE_LAYER].register_forward_hook(lambda module, args, out: probed.append(out[0]))
+    empty = [torch.zeros(len(clips), lm.cfg.num_key_value_heads, 0, lm.cfg.head_dim)] * lm.cfg.num_hidden_layers
+    _, keys, values = lm(x, torch.arange(len(prefix))[None].expand(len(clips), -1), empty, empty, inject)
+    hook.remove()
+
+    rows, labels, per_clip = [], [], []
+    for wave, events in clips:
+        questions = training_questions(wave, events, rng)
+        per_clip.append(len(questions))
+        for question, answer in questions:
+            prompt = chat_prompt_ids(tok, question, [n], ids, SYSTEM)[len(prefix) :]
+            answer_ids = tok.encode(answer) + [ids.stop[0]]
+            rows.append(prompt + answer_ids)
+            labels.append([-100] * len(prompt) + answer_ids)
+    length = max(map(len, rows))
+    row_ids = torch.tensor([r + [ids.stop[0]] * (length - len(r)) for r in rows])
+    target = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels])
+    positions = torch.arange(len(prefix), len(prefix) + length)[None].expand(len(rows), -1)
+    repeat = torch.tensor(per_clip)
+    hidden, _, _ = lm(lm.embed_tokens(row_ids), positions, [k.repeat_interleave(repeat, 0) for k in keys],
+                      [v.repeat_interleave(repeat, 0) for v in values], torch.zeros(0))
     logits = model.lm_head(hidden[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1), ignore_index=-100)
+    answer_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1), ignore_index=-100)
+
+    bins, marks, started = zip(*(token_targets(events, n) for _, events in clips))
+    at_audio = probed[0][audio]  # row-major: clip by clip, token by token
+    time_logits, time_target = probes.time(at_audio), torch.from_numpy(np.concatenate(bins))
+    time_loss = F.cross_entropy(time_logits, time_target)
+    event_loss = F.binary_cross_entropy_with_logits(probes.events(at_audio), torch.from_numpy(np.concatenate(marks)))
+    time_accuracy = (time_logits.argmax(-1) == time_target).float().mean().item()
+    started_loss = F.cross_entropy(probes.started(at_audio), torch.from_numpy(np.concatenate(started)))
+    return answer_loss + 0.5 * (time_loss + event_loss + started_loss), {"answer_loss": answer_loss.item(), "time_probe": time_accuracy}
 
 
-def train_tiny(out_dir: str | Path, minutes: float = 25.0, max_steps: int | None = None, batch: int = 12,
+def train_tiny(out_dir: str | Path, minutes: float = 28.0, max_steps: int | None = None, batch: int = 12,
                lr: float = 2e-3, seed: int = 0, resume: str | Path | None = None, log=print) -> Path:
     """Train until the time or step budget runs out; write a Hugging Face layout checkpoint.
-    resume starts from a checkpoint written by an earlier run (a new schedule, new examples)."""
+    Each step draws `batch` clips of one random length. resume starts from a checkpoint written
+    by an earlier run (a new schedule, new examples)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     raw = build_tokenizer()
@@ -76,39 +142,68 @@ def train_tiny(out_dir: str | Path, minutes: float = 25.0, max_steps: int | None
     vocab = 64 * math.ceil(raw.get_vocab_size() / 64)
     cfg = tiny_config(vocab)
     model = MossAudio(cfg)
+    probes = Probes(cfg.language.hidden_size)
     start_weights = load_file(str(Path(resume) / "model.safetensors")) if resume else None
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(start_weights[name] if start_weights else _init(name, tuple(p.shape), seed))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    start, step, history = time.time(), 0, []
+    params = [*model.parameters(), *probes.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start, step, history, interrupted = time.time(), 0, [], False
     budget = minutes * 60
-    while (max_steps is None or step < max_steps) and time.time() - start < budget:
-        progress = min(1.0, (time.time() - start) / budget) if max_steps is None else step / max_steps
-        for group in opt.param_groups:  # warm-up, then cosine decay over the budget
-            group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-        loss = batch_loss(model, tok, ids, [make_example(rng) for _ in range(batch)])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        history.append(loss.item())
-        step += 1
-        if step % 50 == 0:
-            log(f"step {step}  loss {np.mean(history[-50:]):.4f}  {time.time() - start:.0f} s")
+    try:
+        while (max_steps is None or step < max_steps) and time.time() - start < budget:
+            progress = min(1.0, (time.time() - start) / budget) if max_steps is None else step / max_steps
+            for group in opt.param_groups:  # warm-up, then cosine decay over the budget
+                group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+            length = round(float(rng.uniform(4, 16)), 1)
+            loss, metrics = clips_loss(model, probes, tok, ids, [make_clip(rng, length) for _ in range(batch)], rng)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            history.append(metrics)
+            step += 1
+            if step % 50 == 0:
+                recent = {k: np.mean([m[k] for m in history[-50:]]) for k in history[-1]}
+                log(f"step {step}  answer loss {recent['answer_loss']:.4f}  time probe {recent['time_probe']:.3f}  "
+                    f"{time.time() - start:.0f} s")
+    except KeyboardInterrupt:  # keep what was learnt so far
+        interrupted = True
+        log(f"interrupted at step {step}: writing the checkpoint")
+    recent = history[-50:] or [{"answer_loss": float("nan"), "time_probe": float("nan")}]
+    info = {"steps": step, "seconds": round(time.time() - start, 1), "interrupted": interrupted, "batch": batch, "lr": lr,
+            "seed": seed, "resumed_from": str(resume) if resume else None,
+            "final_answer_loss": float(np.mean([m["answer_loss"] for m in recent])),
+            "final_time_probe_accuracy": float(np.mean([m["time_probe"] for m in recent]))}
+    return write_checkpoint(out_dir, model, raw, info)
+
+
+def write_checkpoint(out_dir: str | Path, model: MossAudio, raw_tokenizer, info: dict) -> Path:
+    """A Hugging Face layout checkpoint (fp32 safetensors, config, tokenizer, processor and
+    generation configs, training.json), written beside out_dir and renamed into place."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k in dict(model.named_parameters())},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = cfg.to_hf_dict()
-    config["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    raw.save(str(out / "tokenizer.json"))
-    (out / "processor_config.json").write_text(json.dumps({"audio_token_id": ids.audio_token, "audio_start_id": ids.audio_start,
-                                                           "audio_end_id": ids.audio_end, "enable_time_marker": True}, indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": ids.stop[1], "eos_token_id": ids.stop[0]}))
-    (out / "training.json").write_text(json.dumps({"steps": step, "seconds": time.time() - start, "batch": batch, "lr": lr,
-                                                   "seed": seed, "final_loss": float(np.mean(history[-50:] or [0]))}, indent=2))
+    if out.exists():
+        raise FileExistsError(f"{out} already exists")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        ids = token_ids(raw_tokenizer)
+        params = dict(model.named_parameters())
+        save_file({k: v.detach().contiguous() for k, v in params.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.cfg.to_hf_dict()
+        config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        raw_tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / "processor_config.json").write_text(json.dumps(
+            {"audio_token_id": ids.audio_token, "audio_start_id": ids.audio_start, "audio_end_id": ids.audio_end,
+             "enable_time_marker": True}, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": ids.stop[1], "eos_token_id": ids.stop[0]}))
+        (tmp / "training.json").write_text(json.dumps(info, indent=2))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -122,44 +217,36 @@ def evaluate(answer, n: int = 300, seed: int = 1234) -> dict:
         got = normalise(answer(example))
         per_task[example.task].append(got == normalise(example.answer))
         if example.task == "list":
-            listed = got.split(", ")
+            listed = got.split(",")
             for j, event in enumerate(example.events):
-                per_class[event.label].append(j < len(listed) and listed[j] == f"{event.start:.1f} {event.label}")
+                per_class[event.label].append(j < len(listed) and listed[j] == normalise(f"{event.start:.1f} {event.label}"))
     mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
     return {"n": n, "seed": seed, "exact_match": mean([x for v in per_task.values() for x in v]),
             "event_list_exact_match": mean(per_task["list"]), "start_time_accuracy": mean(per_task["when"]),
             "per_task": {t: mean(v) for t, v in per_task.items()}, "per_class": {c: mean(v) for c, v in sorted(per_class.items())}}
 
 
-def answerer(path: str | Path, no_deepstack: bool = False, no_markers: bool = False, max_new_tokens: int = 48):
-    """example -> answer text, from a checkpoint (PyTorch reference, fp32) or an artifact
-    (ONNX Runtime), optionally with DeepStack zeroed or time markers off (ablations)."""
+def artifact_answerer(pipe, no_deepstack: bool = False, max_new_tokens: int = 48):
+    """example -> answer text through the runtime (ONNX Runtime), greedy."""
     from moss_edge.runtime.generation import generate_tokens
     from moss_edge.runtime.sampling import SamplingOptions
 
-    path = Path(path)
+    opts, tok = SamplingOptions(max_new_tokens=max_new_tokens), pipe.tokenizer
+
+    def answer(example):
+        features = pipe.encode([example.wave])
+        if no_deepstack:
+            features.deepstack = np.zeros_like(features.deepstack)
+        prompt = chat_prompt_ids(tok, example.question, features.clip_tokens, pipe.ids, SYSTEM)
+        return tok.decode(list(generate_tokens(lambda: pipe.prefill(prompt, features), pipe.decoder.step, opts, pipe.ids.stop)))
+    return answer
+
+
+def reference_answerer(ref, tok: TextTokenizer, no_deepstack: bool = False, max_new_tokens: int = 48):
+    """example -> answer text through the PyTorch reference, greedy."""
+    from moss_edge.runtime.sampling import SamplingOptions
+
     opts = SamplingOptions(max_new_tokens=max_new_tokens)
-    if (path / "manifest.json").is_file():
-        from moss_edge.runtime.pipeline import Pipeline
-
-        pipe = Pipeline.load(path)
-        pipe.ids.time_markers = not no_markers
-        tok = pipe.tokenizer
-
-        def answer(example):
-            features = pipe.encode([example.wave])
-            if no_deepstack:
-                features.deepstack = np.zeros_like(features.deepstack)
-            prompt = chat_prompt_ids(tok, example.question, features.clip_tokens, pipe.ids, SYSTEM)
-            return tok.decode(list(generate_tokens(lambda: pipe.prefill(prompt, features), pipe.decoder.step,
-                                                   opts, pipe.ids.stop)))
-        return answer
-
-    from moss_edge.export.reference import ReferencePipeline
-
-    ref = ReferencePipeline.load(path, torch.float32)
-    ref.ids.time_markers = not no_markers
-    tok = TextTokenizer.from_dir(path)
 
     def answer(example):
         features = ref.encode([log_mel(example.wave)])
@@ -168,3 +255,35 @@ def answerer(path: str | Path, no_deepstack: bool = False, no_markers: bool = Fa
         prompt = chat_prompt_ids(tok, example.question, features.clip_tokens, ref.ids, SYSTEM)
         return tok.decode(list(ref.generate(prompt, features, opts)))
     return answer
+
+
+def answerer(path: str | Path, no_deepstack: bool = False, no_markers: bool = False, max_new_tokens: int = 48):
+    """example -> answer text, from a checkpoint (PyTorch reference, fp32) or an artifact
+    (ONNX Runtime), optionally with DeepStack zeroed or time markers off (ablations)."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        from moss_edge.runtime.pipeline import Pipeline
+
+        pipe = Pipeline.load(path)
+        pipe.ids.time_markers = not no_markers
+        return artifact_answerer(pipe, no_deepstack, max_new_tokens)
+
+    from moss_edge.export.reference import ReferencePipeline
+
+    ref = ReferencePipeline.load(path, torch.float32)
+    ref.ids.time_markers = not no_markers
+    return reference_answerer(ref, TextTokenizer.from_dir(path), no_deepstack, max_new_tokens)
+
+
+def task_accuracy(pipe, reference: MossAudio, n: int = 100) -> dict | None:
+    """The sound-event evaluation of an artifact next to its fp32 PyTorch reference, or None when
+    the artifact does not come from the sound-event model (judged by its tokenizer)."""
+    from moss_edge.export.reference import ReferencePipeline
+
+    if pipe.tokenizer is None or pipe.tokenizer.tokenizer.get_vocab() != build_tokenizer().get_vocab():
+        return None
+    art = evaluate(artifact_answerer(pipe), n)
+    ref = evaluate(reference_answerer(ReferencePipeline(reference, pipe.ids), pipe.tokenizer), n)
+    return {"n": n, "artifact": art, "reference": ref,
+            "exact_match_drop": ref["exact_match"] - art["exact_match"],
+            "event_list_drop": ref["event_list_exact_match"] - art["event_list_exact_match"]}

@@ -9,6 +9,7 @@ from moss_edge import bundled_audio
 from moss_edge.export.checkpoint import load_model
 from moss_edge.export.model import MossAudio
 from moss_edge.export.reference import ReferencePipeline
+from moss_edge.export.train_tiny import task_accuracy
 from moss_edge.runtime.audio import load_audio, log_mel
 from moss_edge.runtime.generation import generate_tokens
 from moss_edge.runtime.pipeline import Pipeline
@@ -56,8 +57,10 @@ def _reference_steps(ref: ReferencePipeline, prompt: list[int], audio, steps: in
 
 def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path, ids: TokenIds | None = None,
                     audio: list[str] | None = None, prompt: str | list[int] | None = None, steps: int = 16,
-                    provider: str = "cpu") -> dict:
-    """Compare an artifact with the fp32 PyTorch model; returns the report (see `summary`)."""
+                    provider: str = "cpu", task_examples: int = 0) -> dict:
+    """Compare an artifact with the fp32 PyTorch model; returns the report (see `summary`).
+    With task_examples > 0 and an artifact of the sound-event model (`moss-edge train-tiny`),
+    the report also holds task accuracy on that many held-out examples, artifact and reference."""
     if not isinstance(reference, MossAudio):
         reference = load_model(reference, torch.float32)
     pipe = Pipeline.load(artifact_dir, provider)
@@ -129,8 +132,14 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                "prefill_logits_rel": graphs["decoder"]["prefill_logits"]["rel"],
                "kl_mean": end_to_end["kl_mean"], "top1_agreement": end_to_end["top1_agreement"],
                "greedy_match": end_to_end["greedy_match"], "failures": failures}
-    return {"artifact": str(artifact_dir), "audio": [str(a) for a in audio], "prompt_tokens": len(prompt_ids),
-            "graphs": graphs, "steps": per_step, "end_to_end": end_to_end, "thresholds": limits, "summary": summary}
+    report = {"artifact": str(artifact_dir), "audio": [str(a) for a in audio], "prompt_tokens": len(prompt_ids),
+              "graphs": graphs, "steps": per_step, "end_to_end": end_to_end, "thresholds": limits, "summary": summary}
+    task = task_accuracy(pipe, reference, task_examples) if task_examples > 0 else None
+    if task:  # reported, not gated: on a few hundred examples a point or two is sampling noise
+        report["task"] = task
+        summary.update(task_exact_match=task["artifact"]["exact_match"], task_reference_exact_match=task["reference"]["exact_match"],
+                       event_list_exact_match=task["artifact"]["event_list_exact_match"])
+    return report
 
 
 def report_markdown(report: dict) -> str:
@@ -148,6 +157,15 @@ def report_markdown(report: dict) -> str:
               f"| top-1 agreement (off near-ties) | {e['top1_agreement']:.3f} ({e['near_ties']} near-ties) |",
               f"| greedy prefix match | {e['greedy_match']:.3f}"
               f"{' (diverged at a near-tie)' if e.get('diverged_at_near_tie') else ''} |"]
+    if "task" in report:
+        t = report["task"]
+        lines += ["", f"Task accuracy (sound events, {t['n']} held-out examples, exact match):", "",
+                  "| model | overall | event list | " + " | ".join(t["reference"]["per_task"]) + " |",
+                  "|---|---|---|" + "---|" * len(t["reference"]["per_task"])]
+        for name in ("reference", "artifact"):
+            r = t[name]
+            lines.append(f"| {name} | {r['exact_match']:.3f} | {r['event_list_exact_match']:.3f} | "
+                         + " | ".join(f"{v:.3f}" for v in r["per_task"].values()) + " |")
     if s["failures"]:
         lines += ["", "Failures:", *[f"- {f}" for f in s["failures"]]]
     return "\n".join(lines) + "\n"

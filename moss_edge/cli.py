@@ -40,6 +40,9 @@ def _print_summary(summary: dict) -> None:
     print(f"parity {state} ({summary['precision']}): worst cosine {summary['worst_cosine']:.6f}, "
           f"prefill logits rel. error {summary['prefill_logits_rel']:.2e}, mean KL {summary['kl_mean']:.2e}, "
           f"top-1 {summary['top1_agreement']:.3f}, greedy match {summary['greedy_match']:.3f}")
+    if "task_exact_match" in summary:
+        print(f"task accuracy (exact match): {summary['task_exact_match']:.3f} "
+              f"(fp32 reference {summary['task_reference_exact_match']:.3f}), event list {summary['event_list_exact_match']:.3f}")
     for failure in summary["failures"]:
         print(f"  - {failure}")
 
@@ -83,7 +86,8 @@ def cmd_run(args) -> None:
 def cmd_verify(args) -> None:
     from moss_edge.export.verify import report_markdown, verify_artifact
 
-    report = verify_artifact(args.artifact, args.reference, audio=args.audio, steps=args.steps, provider=args.provider)
+    report = verify_artifact(args.artifact, args.reference, audio=args.audio, steps=args.steps, provider=args.provider,
+                             task_examples=args.task_examples)
     markdown = report_markdown(report)
     for path, text in ((args.json, json.dumps(report, indent=2)), (args.markdown, markdown)):
         if path:
@@ -156,7 +160,8 @@ def cmd_quantize(args) -> None:
         if not reference.is_dir():
             raise MossEdgeError(f"reference checkpoint {reference} not found; pass --reference CHECKPOINT or --no-verify")
         audio = args.verify_audio or [bundled_audio(HELD_OUT)]
-        verify = lambda tmp: verify_artifact(tmp, reference, audio=audio, steps=args.steps)  # noqa: E731
+        verify = lambda tmp: verify_artifact(tmp, reference, audio=audio, steps=args.steps,  # noqa: E731
+                                             task_examples=args.task_examples)
     cache = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "moss-edge"
     out = quantize_artifact(args.artifact, args.output, recipe, calibration=args.calibration, cache_dir=cache,
                             verify=verify, keep_until_pass=args.keep_until_pass, log=lambda m: print(m, file=sys.stderr))
@@ -239,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-audio", action="append", help="held-out audio for the parity check")
     p.add_argument("--steps", type=int, default=32, help="decode steps in the parity check")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    p.add_argument("--task-examples", type=int, default=100,
+                   help="held-out sound-event examples for task accuracy, when the artifact comes from `moss-edge train-tiny`'s model (0: off)")
     p.add_argument("--keep-until-pass", action="store_true",
                    help="keep the most error-sensitive decoder weights more precise until the parity check passes")
     p.add_argument("--cache-dir", help="where calibration statistics are cached (default ~/.cache/moss-edge)")
@@ -270,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", action="append", help="audio file(s) to check on (default: a bundled recording)")
     p.add_argument("--steps", type=int, default=32, help="decode steps compared")
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    p.add_argument("--task-examples", type=int, default=100,
+                   help="held-out sound-event examples for task accuracy, when the artifact comes from `moss-edge train-tiny`'s model (0: off)")
     p.add_argument("--json", help="write the full report as JSON here")
     p.add_argument("--markdown", help="write the report as Markdown here")
     p.add_argument("--plot", help="write a PNG of per-step KL and per-graph cosine here")
@@ -292,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tiny", help="train the small sound-event MOSS-Audio on CPU",
                        epilog="example: moss-edge train-tiny -o tiny-moss --minutes 25")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--minutes", type=float, default=25.0)
+    p.add_argument("--minutes", type=float, default=28.0, help="training time budget (default 28)")
     p.add_argument("--steps", type=int, help="stop after this many steps (default: the time budget)")
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--lr", type=float, default=2e-3)

@@ -2,8 +2,19 @@ import json
 
 import numpy as np
 
-from moss_edge.export.tiny_task import CLASSES, TASKS, build_tokenizer, make_example, normalise
-from moss_edge.export.train_tiny import answerer, evaluate, train_tiny
+import math
+
+import torch
+import torch.nn.functional as F
+
+from moss_edge.export.model import MossAudio
+from moss_edge.export.reference import ReferencePipeline
+from moss_edge.export.tiny_task import (CLASSES, TASKS, Event, build_tokenizer, make_clip, make_example, normalise,
+                                        training_questions)
+from moss_edge.export.train_tiny import (SYSTEM, Probes, answerer, clips_loss, evaluate, tiny_config,
+                                         token_ids, token_targets, train_tiny)
+from moss_edge.runtime.audio import log_mel
+from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids
 
 
 def test_examples_are_deterministic_and_consistent():
@@ -18,6 +29,64 @@ def test_examples_are_deterministic_and_consistent():
             assert ex.answer.split(", ")[0] == f"{ex.events[0].start:.1f} {ex.events[0].label}"
         if task == "count":
             assert ex.answer == str(len(ex.events))
+
+
+def test_clips_never_overlap_an_event_of_their_own_class():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        _, events = make_clip(rng, 6.0)
+        for a in events:
+            for b in events:
+                if a is not b and a.label == b.label and a.start <= b.start:
+                    assert a.start + a.seconds <= b.start
+
+
+def test_token_targets_mark_time_bins_activity_and_onsets():
+    bins, marks, started = token_targets([Event(2.5, 1.0, "chord"), Event(4.0, 0.5, "low tone")], 100)  # 8 s at 12.5 tokens/s
+    c = CLASSES.index("chord")
+    assert bins[0] == 0 and bins[5] == 0 and bins[6] == 1 and bins[99] == 15  # token 6 is centred at 0.52 s
+    assert np.flatnonzero(marks[:, c]).tolist() == list(range(31, 44))  # centres in [2.5, 3.5)
+    assert np.flatnonzero(marks[:, len(CLASSES) + c]).tolist() == [31, 32]
+    assert marks.sum() == 13 + 2 + 6 + 2
+    assert started[30] == 0 and started[31] == 1 and started[49] == 1 and started[50] == 2 and started[99] == 2
+
+
+def test_shared_prefix_loss_equals_full_sequences():
+    """Training runs the audio prefix once and continues each question from its KV cache; the
+    answer loss must equal the one from whole prompts run one by one."""
+    torch.manual_seed(0)
+    raw = build_tokenizer()
+    tok, ids = TextTokenizer(raw), token_ids(raw)
+    model = MossAudio(tiny_config(64 * math.ceil(raw.get_vocab_size() / 64))).eval()
+    clips = [make_clip(np.random.default_rng(i), 5.0) for i in range(2)]
+    _, metrics = clips_loss(model, Probes(192), tok, ids, clips, np.random.default_rng(9))
+    answer_loss = metrics["answer_loss"]
+
+    ref = ReferencePipeline(model, ids)
+    rng, total, count = np.random.default_rng(9), 0.0, 0
+    for wave, events in clips:
+        features = ref.encode([log_mel(wave)])
+        for question, answer in training_questions(wave, events, rng):
+            prompt = chat_prompt_ids(tok, question, features.clip_tokens, ids, SYSTEM)
+            target = tok.encode(answer) + [ids.stop[0]]
+            logits, _ = ref.forward(prompt + target, features, all_logits=True)
+            total += float(F.cross_entropy(torch.from_numpy(logits[len(prompt) - 1 : -1]), torch.tensor(target), reduction="sum"))
+            count += len(target)
+    assert abs(total / count - answer_loss) < 1e-4 * answer_loss
+
+
+def test_evaluate_scores_what_the_answers_get_right():
+    spaced = evaluate(lambda ex: " ".join(ex.answer.replace(".", " . ").replace(",", " ,").split()), n=40)
+    assert spaced["exact_match"] == 1.0 and set(spaced["per_class"].values()) == {1.0}
+
+    first_only = evaluate(lambda ex: ex.answer.split(", ")[0] if ex.task == "list" else "nothing", n=40)
+    rng, expected = np.random.default_rng(1234), {}
+    for i in range(40):
+        ex = make_example(rng, TASKS[i % len(TASKS)])
+        for j, e in enumerate(ex.events if ex.task == "list" else []):
+            expected.setdefault(e.label, []).append(j == 0)
+    assert first_only["per_class"] == {c: float(np.mean(v)) for c, v in sorted(expected.items())}
+    assert first_only["per_task"]["count"] == 0.0 and first_only["event_list_exact_match"] < 1.0
 
 
 def test_tokenizer_digits_and_round_trip():
