@@ -93,13 +93,9 @@ def ask(task: str, wave: np.ndarray, events: list[Event], rng: np.random.Generat
 
 
 def training_questions(wave: np.ndarray, events: list[Event], rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Every question a training clip is asked: the list, the count, when each of its classes
-    starts, and what happens at two seconds."""
-    out = [ask("list", wave, events, rng), ask("count", wave, events, rng)]
-    for label in dict.fromkeys(e.label for e in events):
-        first = next(e for e in events if e.label == label)
-        out.append((f"When does the {label} start?", _time(first.start)))
-    return out + [ask("at", wave, events, rng) for _ in range(2)]
+    """The questions a training clip is asked: the list (the richest answer), the count, and
+    two each of "when" and "at" second."""
+    return [ask(task, wave, events, rng) for task in ("list", "count", "when", "when", "at", "at")]
 
 
 def make_example(rng: np.random.Generator, task: str | None = None) -> Example:

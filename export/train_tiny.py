@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from moss_edge.export.config import AudioConfig, LanguageConfig, MossAudioConfig
 from moss_edge.export.model import MossAudio
 from moss_edge.export.synthetic import _init
-from moss_edge.export.tiny_task import (CLASSES, MAX_EVENTS, TASKS, build_tokenizer, make_clip, make_example, normalise,
+from moss_edge.export.tiny_task import (CLASSES, TASKS, build_tokenizer, make_clip, make_example, normalise,
                                         training_questions)
 from moss_edge.runtime.audio import chunk_mels, log_mel
 from moss_edge.runtime.prompt import TOKENS_PER_SECOND, TextTokenizer, TokenIds, chat_prompt_ids
@@ -48,31 +48,26 @@ TIME_BINS = 32  # 0.5 s bins of a clip of up to 16 s
 
 class Probes(nn.Module):
     """Training-only linear heads on the decoder's audio positions: the 0.5 s bin a token lies in,
-    which classes sound and start there, and how many events have started so far. These dense
-    targets teach the decoder to read the time off the markers and to number the events far
-    sooner than the short answers alone do. They are not saved."""
+    and which classes sound and start there. These dense targets teach the decoder to read the
+    time off the markers far sooner than the short answers alone do. They are not saved."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.time = nn.Linear(hidden, TIME_BINS)
         self.events = nn.Linear(hidden, 2 * len(CLASSES))
-        self.started = nn.Linear(hidden, MAX_EVENTS + 1)
 
 
-def token_targets(events, n_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per audio token: its 0.5 s bin, [active classes, classes starting here] as 0/1, and the
-    number of events that have started by then."""
+def token_targets(events, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per audio token: its 0.5 s bin, and [active classes, classes starting here] as 0/1."""
     centre = (np.arange(n_tokens) + 0.5) / TOKENS_PER_SECOND
     bins = np.minimum(centre // 0.5, TIME_BINS - 1).astype(np.int64)
     marks = np.zeros((n_tokens, 2 * len(CLASSES)), dtype=np.float32)
-    started = np.zeros(n_tokens, dtype=np.int64)
     for e in events:
         c = CLASSES.index(e.label)
         marks[(centre >= e.start) & (centre < e.start + e.seconds), c] = 1
         first = int(e.start * TOKENS_PER_SECOND)  # the token holding the onset, and the next
         marks[first : first + 2, len(CLASSES) + c] = 1
-        started[first:] += 1
-    return bins, marks, started
+    return bins, marks
 
 
 def clips_loss(model: MossAudio, probes: Probes, tok: TextTokenizer, ids: TokenIds, clips, rng) -> torch.Tensor:
@@ -120,14 +115,13 @@ def clips_loss(model: MossAudio, probes: Probes, tok: TextTokenizer, ids: TokenI
     logits = model.lm_head(hidden[:, :-1])
     answer_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1), ignore_index=-100)
 
-    bins, marks, started = zip(*(token_targets(events, n) for _, events in clips))
+    bins, marks = zip(*(token_targets(events, n) for _, events in clips))
     at_audio = probed[0][audio]  # row-major: clip by clip, token by token
     time_logits, time_target = probes.time(at_audio), torch.from_numpy(np.concatenate(bins))
     time_loss = F.cross_entropy(time_logits, time_target)
     event_loss = F.binary_cross_entropy_with_logits(probes.events(at_audio), torch.from_numpy(np.concatenate(marks)))
     time_accuracy = (time_logits.argmax(-1) == time_target).float().mean().item()
-    started_loss = F.cross_entropy(probes.started(at_audio), torch.from_numpy(np.concatenate(started)))
-    return answer_loss + 0.5 * (time_loss + event_loss + started_loss), {"answer_loss": answer_loss.item(), "time_probe": time_accuracy}
+    return answer_loss + 0.5 * (time_loss + event_loss), {"answer_loss": answer_loss.item(), "time_probe": time_accuracy}
 
 
 def train_tiny(out_dir: str | Path, minutes: float = 28.0, max_steps: int | None = None, batch: int = 12,
