@@ -5,6 +5,8 @@ the demo asks it about a generated clip whose contents it prints; without it, it
 model of the same architecture and says so.
 """
 
+import json
+import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -17,13 +19,20 @@ from moss_edge import bundled_audio
 TRAINED = Path(str(resources.files("moss_edge"))) / "data" / "tiny-moss"
 
 
+def _source_hash(artifact: Path) -> str | None:
+    try:
+        return json.loads((artifact / "manifest.json").read_text())["source"]["sha256"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _step(message: str) -> None:
     print(f"\n== {message}", flush=True)
 
 
 def run_demo(workdir: str | None = None, audio: str | None = None, max_new_tokens: int = 40) -> Path:
     from moss_edge.bench import directory_mib
-    from moss_edge.export.onnx_export import export_artifact
+    from moss_edge.export.onnx_export import checkpoint_hash, export_artifact
     from moss_edge.export.synthetic import preset, write_synthetic_checkpoint
     from moss_edge.export.tiny_task import make_example, normalise
     from moss_edge.export.verify import report_markdown, verify_artifact
@@ -47,6 +56,11 @@ def run_demo(workdir: str | None = None, audio: str | None = None, max_new_token
         _step(f"1/5 writing a synthetic checkpoint to {checkpoint}")
         if not checkpoint.exists():
             write_synthetic_checkpoint(checkpoint, preset("tiny"), dtype="fp32")
+    source = checkpoint_hash(checkpoint)
+    for artifact in (fp32, quantized):  # an earlier demo run in this folder may have used another model
+        if artifact.exists() and _source_hash(artifact) != source:
+            print(f"   {artifact} was made from another checkpoint: making it again")
+            shutil.rmtree(artifact)
     _step("2/5 exporting encoder, adapter and decoder to ONNX (fp32), checking parity")
     if not fp32.exists():
         export_artifact(checkpoint, fp32, log=lambda m: None)

@@ -129,3 +129,17 @@ def test_verify_reports_task_accuracy_of_the_sound_event_model(tmp_path):
     assert abs(task["exact_match_drop"]) <= 1 / 8  # fp32 ONNX against fp32 PyTorch: at most one near-tie flips
     assert report["summary"]["task_exact_match"] == task["artifact"]["exact_match"]
     assert "Task accuracy" in report_markdown(report)
+
+
+def test_demo_answers_with_the_packaged_model_and_replaces_stale_artifacts(tmp_path, capsys):
+    from moss_edge.demo import run_demo
+    from moss_edge.export.onnx_export import checkpoint_hash
+
+    stale = tmp_path / "artifact-fp32"
+    stale.mkdir()
+    (stale / "manifest.json").write_text(json.dumps({"source": {"sha256": "0" * 64}}))
+    run_demo(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "made from another checkpoint" in out and "the INT4 answer matches the clip" in out and "**PASSED**" in out
+    manifest = json.loads((stale / "manifest.json").read_text())
+    assert manifest["source"]["sha256"] == checkpoint_hash(PACKAGED)
