@@ -15,7 +15,6 @@ import io
 import logging
 import json
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from moss_edge import __version__
 from moss_edge.export.checkpoint import load_model, tensor_files
 from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
-from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, graph_entry, sha256_file, write_artifact
+from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, graph_entry, sha256_file, staged_dir
 from moss_edge.runtime.prompt import TokenIds, read_token_ids
 
 OPSET = 21
@@ -233,9 +232,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
     cfg = load_config(checkpoint_dir)
     ids = token_ids or read_token_ids(checkpoint_dir)
     tensor_files(checkpoint_dir)  # fail on a broken checkpoint before any work
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         log("exporting encoder, adapter and decoder to ONNX")
         export_graphs(checkpoint_dir, cfg, ids.audio_token, tmp, opset, log)
         tokenizer_files = [f for f in TOKENIZER_FILES if (checkpoint_dir / f).is_file()]
@@ -264,7 +261,5 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
             manifest["parity"] = report["summary"]
             (tmp / "parity.json").write_text(json.dumps(report, indent=2))
             manifest["parity_report"] = "parity.json"
-        return write_artifact(tmp, out, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out

@@ -6,8 +6,6 @@ with the chat and audio special tokens is written beside them.
 """
 
 import json
-import shutil
-import tempfile
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +16,7 @@ from safetensors.torch import save_file
 from moss_edge.export.checkpoint import DTYPES
 from moss_edge.export.config import AudioConfig, LanguageConfig, MossAudioConfig
 from moss_edge.export.model import MossAudio
+from moss_edge.runtime.artifact import staged_dir
 
 # Upstream's special-token ids; a small vocabulary moves them just below its end.
 QWEN_SPECIALS = {
@@ -112,11 +111,7 @@ def write_synthetic_checkpoint(out_dir: str | Path, cfg: MossAudioConfig, dtype:
                                seed: int = 0, shard_mb: int = 2000) -> Path:
     """Write config, weights (sharded above shard_mb), tokenizer and processor files; atomic."""
     out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         with torch.device("meta"):
             shapes = {n: tuple(p.shape) for n, p in MossAudio(cfg).named_parameters()}
         shards, current, size = [], {}, 0
@@ -147,8 +142,4 @@ def write_synthetic_checkpoint(out_dir: str | Path, cfg: MossAudioConfig, dtype:
         (tmp / "processor_config.json").write_text(json.dumps({
             "audio_token_id": specials["<|AUDIO|>"], "audio_start_id": specials["<|audio_bos|>"],
             "audio_end_id": specials["<|audio_eos|>"], "enable_time_marker": True}, indent=2))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -3,8 +3,6 @@ and evaluate any checkpoint or artifact on held-out examples."""
 
 import json
 import math
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -20,6 +18,7 @@ from moss_edge.export.model import MossAudio
 from moss_edge.export.synthetic import _init
 from moss_edge.export.tiny_task import (CLASSES, TASKS, build_tokenizer, make_clip, make_example, normalise,
                                         training_questions)
+from moss_edge.runtime.artifact import staged_dir
 from moss_edge.runtime.audio import chunk_mels, log_mel
 from moss_edge.runtime.prompt import TOKENS_PER_SECOND, TextTokenizer, TokenIds, chat_prompt_ids
 
@@ -177,11 +176,7 @@ def write_checkpoint(out_dir: str | Path, model: MossAudio, raw_tokenizer, info:
     """A Hugging Face layout checkpoint (fp32 safetensors, config, tokenizer, processor and
     generation configs, training.json), written beside out_dir and renamed into place."""
     out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         ids = token_ids(raw_tokenizer)
         params = dict(model.named_parameters())
         save_file({k: v.detach().contiguous() for k, v in params.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -194,10 +189,6 @@ def write_checkpoint(out_dir: str | Path, model: MossAudio, raw_tokenizer, info:
              "enable_time_marker": True}, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": ids.stop[1], "eos_token_id": ids.stop[0]}))
         (tmp / "training.json").write_text(json.dumps(info, indent=2))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

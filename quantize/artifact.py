@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from moss_edge.calibration.dataset import build_samples, find_audio
 from moss_edge.quantize.kernels import cpu_kernels
 from moss_edge.quantize.graph import WeightRule, quantize_weights, weight_sensitivity
 from moss_edge.quantize.recipe import GraphRecipe, Recipe
-from moss_edge.runtime.artifact import Artifact, graph_entry, write_artifact
+from moss_edge.runtime.artifact import Artifact, graph_entry, staged_dir
 from moss_edge.runtime.errors import MossEdgeError
 
 
@@ -92,9 +91,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
             if graph.precision == "w8a8":
                 plan = weight_plan(src.graph_path(name), graph)
                 ranges[name] = activation_ranges(src.root, name, list(plan), samples, graph.activations)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         manifest = json.loads(json.dumps(src.manifest))
         manifest.pop("parity_report", None)
         manifest.pop("parity", None)
@@ -134,10 +131,8 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
                 manifest["quantization"]["kept_more_precise"] = {n: sensitivity[n] for n in kept}
                 report = _check(tmp, manifest, recipe, layers, verify, log)
                 count *= 2
-        return write_artifact(tmp, out, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
 
 
 def _check(tmp: Path, manifest: dict, recipe: Recipe, layers: dict, verify, log) -> dict | None:

@@ -6,6 +6,9 @@ checks them at load so a damaged or mixed-up artifact fails with a clear message
 
 import hashlib
 import json
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,10 +113,20 @@ def graph_entry(root: Path, name: str, precision: str) -> dict:
             "opset": opset, "inputs": _io(proto.graph.input), "outputs": _io(proto.graph.output)}
 
 
-def write_artifact(tmp: Path, out: Path, manifest: dict) -> Path:
-    """Write manifest.json into the finished temp dir, then move it to out in one rename."""
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+@contextmanager
+def staged_dir(out: Path):
+    """A temporary folder beside out that becomes out in one rename when the block succeeds and
+    is removed when it fails, so a half-written artifact or checkpoint is never left at out."""
+    out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists")
-    tmp.rename(out)
-    return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            raise FileExistsError(f"{out} already exists")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
