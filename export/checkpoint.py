@@ -5,6 +5,7 @@ memory-mapped file and converted one at a time, so at most one full copy of the 
 (in the target dtype) plus one tensor is ever held.
 """
 
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -15,9 +16,20 @@ from torch import nn
 
 from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
+from moss_edge.runtime.artifact import sha256_file
 from moss_edge.runtime.errors import MossEdgeError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def checkpoint_hash(checkpoint_dir: str | Path) -> str:
+    """sha256 over config.json and the weight files, in name order."""
+    checkpoint_dir = Path(checkpoint_dir)
+    digest = hashlib.sha256()
+    for path in [checkpoint_dir / "config.json", *sorted(set(tensor_files(checkpoint_dir).values()))]:
+        digest.update(path.name.encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
 
 
 def tensor_files(checkpoint_dir: str | Path) -> dict[str, Path]:

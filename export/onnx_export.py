@@ -10,7 +10,6 @@ zero off the audio positions (and in decode steps), so there is no control flow 
 """
 
 import contextlib
-import hashlib
 import io
 import logging
 import json
@@ -24,10 +23,11 @@ from safetensors import safe_open
 from torch import nn
 
 from moss_edge import __version__
-from moss_edge.export.checkpoint import load_model, tensor_files
+from moss_edge.export.checkpoint import checkpoint_hash, load_model, tensor_files
 from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
-from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, graph_entry, sha256_file, staged_dir
+from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, graph_entry, staged_dir
+from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.prompt import TokenIds, read_token_ids
 
 OPSET = 21
@@ -191,15 +191,6 @@ def backends_for_opset(opset: int) -> list[str]:
     return ["cpu", "cuda", "tensorrt"] if opset <= 21 else ["cpu"]
 
 
-def checkpoint_hash(checkpoint_dir: Path) -> str:
-    """sha256 over config.json and the weight files, in name order."""
-    digest = hashlib.sha256()
-    for path in [checkpoint_dir / "config.json", *sorted(set(tensor_files(checkpoint_dir).values()))]:
-        digest.update(path.name.encode())
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
-
-
 def model_sizes(cfg) -> dict:
     return {"hidden_size": cfg.language.hidden_size, "num_hidden_layers": cfg.language.num_hidden_layers,
             "num_key_value_heads": cfg.language.num_key_value_heads, "head_dim": cfg.language.head_dim,
@@ -219,6 +210,20 @@ def available_memory() -> int:
     return 1 << 50
 
 
+def check_token_ids(ids: TokenIds, vocab_size: int) -> None:
+    """Every id the runtime feeds must index the embedding table; say which flag sets a bad one."""
+    named = [("audio_token", ids.audio_token, "--audio-token-id"), ("audio_start", ids.audio_start, "--audio-start-id"),
+             ("audio_end", ids.audio_end, "--audio-end-id"), *[(f"digit {d}", t, "--digit-ids") for d, t in enumerate(ids.digits)],
+             *[("stop", t, "eos_token_id in generation_config.json") for t in ids.stop]]
+    bad = [f"{what} = {value} (set it with {flag})" for what, value, flag in named if not 0 <= value < vocab_size]
+    if bad:
+        raise MossEdgeError(f"token ids outside the vocabulary of {vocab_size}: {'; '.join(bad)}. The checkpoint has no "
+                            "processor_config.json naming them (or names wrong ones): pass the ids it was trained with")
+    if len({ids.audio_token, ids.audio_start, ids.audio_end}) < 3:
+        raise MossEdgeError(f"the audio token, audio start and audio end ids must differ; got {ids.audio_token}, "
+                            f"{ids.audio_start}, {ids.audio_end}")
+
+
 def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int = OPSET, verify_steps: int = 16,
                     token_ids: TokenIds | None = None, log=print) -> Path:
     """Checkpoint -> fp32 artifact, with the parity report against the PyTorch model inside.
@@ -231,6 +236,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
         raise FileExistsError(f"{out} already exists")
     cfg = load_config(checkpoint_dir)
     ids = token_ids or read_token_ids(checkpoint_dir)
+    check_token_ids(ids, cfg.language.vocab_size)
     tensor_files(checkpoint_dir)  # fail on a broken checkpoint before any work
     with staged_dir(out) as tmp:
         log("exporting encoder, adapter and decoder to ONNX")

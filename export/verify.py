@@ -6,11 +6,12 @@ import numpy as np
 import torch
 
 from moss_edge import bundled_audio
-from moss_edge.export.checkpoint import load_model
+from moss_edge.export.checkpoint import checkpoint_hash, load_model
 from moss_edge.export.model import MossAudio
 from moss_edge.export.reference import ReferencePipeline
 from moss_edge.export.train_tiny import task_accuracy
 from moss_edge.runtime.audio import load_audio, log_mel
+from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens
 from moss_edge.runtime.pipeline import Pipeline
 from moss_edge.runtime.prompt import TokenIds
@@ -28,11 +29,31 @@ ORDER = ["fp32", "fp16", "int8", "int4"]
 
 
 def compare(x: np.ndarray, ref: np.ndarray) -> dict:
+    """max-abs and relative error, cosine, and whether both sides are finite (a NaN or Inf
+    anywhere makes the figures NaN, which no threshold passes)."""
     x, ref = np.asarray(x, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
+    finite = bool(np.isfinite(x).all() and np.isfinite(ref).all())
+    if not finite:
+        return {"max_abs": float("nan"), "rel": float("nan"), "cosine": float("nan"), "finite": False}
     max_abs = float(np.abs(x - ref).max()) if x.size else 0.0
     denom = float(np.linalg.norm(x) * np.linalg.norm(ref))
     return {"max_abs": max_abs, "rel": max_abs / max(float(np.abs(ref).max()), 1e-30),
-            "cosine": float(x @ ref / denom) if denom else 1.0}
+            "cosine": float(x @ ref / denom) if denom else 1.0, "finite": True}
+
+
+def check_reference(artifact_dir: str | Path, reference: str | Path) -> None:
+    """Refuse a reference checkpoint other than the one the artifact was exported from: the
+    comparison would fail for the wrong reason, or inside ONNX Runtime on mismatched shapes."""
+    from moss_edge.runtime.artifact import Artifact
+
+    source = Artifact.load(artifact_dir, check_hashes=False).manifest["source"]
+    if not Path(reference).is_dir():
+        raise MossEdgeError(f"reference checkpoint {reference} not found; pass the checkpoint folder the artifact "
+                            f"was exported from ({source['checkpoint']})")
+    if checkpoint_hash(reference) != source["sha256"]:
+        raise MossEdgeError(f"{reference} is not the checkpoint {artifact_dir} was exported from (its sha256 differs "
+                            f"from the manifest's {source['sha256'][:16]}..., recorded from {source['checkpoint']}); "
+                            "verify against that checkpoint")
 
 
 def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
@@ -62,6 +83,7 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
     With task_examples > 0 and an artifact of the sound-event model (`moss-edge train-tiny`),
     the report also holds task accuracy on that many held-out examples, artifact and reference."""
     if not isinstance(reference, MossAudio):
+        check_reference(artifact_dir, reference)
         reference = load_model(reference, torch.float32)
     pipe = Pipeline.load(artifact_dir, provider)
     ids = ids or pipe.ids  # the artifact records the ids it was exported with
@@ -106,20 +128,25 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
     limits = THRESHOLDS[precision]
     end_to_end = {
         "kl_mean": float(np.mean([s["kl"] for s in per_step])), "kl_max": float(max(s["kl"] for s in per_step)),
-        "top1_agreement": (sum(s["top1_agree"] for s in decided) / len(decided)) if decided else 1.0,
+        # None when every step was a near-tie: nothing was measured, so nothing is claimed
+        "top1_agreement": (sum(s["top1_agree"] for s in decided) / len(decided)) if decided else None,
+        "top1_decided": len(decided),
         "near_ties": len(per_step) - len(decided), "greedy_match": prefix / len(ref_tokens),
         "greedy_reference": ref_tokens, "greedy_artifact": art_tokens,
     }
+    # Every comparison is written "not (value within limit)", so a NaN fails it.
     failures = []
     for graph, outputs in graphs.items():
         for name, m in outputs.items():
-            if m["cosine"] < limits["cosine"]:
+            if not m["finite"]:
+                failures.append(f"{graph}.{name} has NaN or infinite values")
+            elif not m["cosine"] >= limits["cosine"]:
                 failures.append(f"{graph}.{name} cosine {m['cosine']:.6f} < {limits['cosine']}")
-            if limits["rel"] is not None and m["rel"] > limits["rel"]:
+            elif limits["rel"] is not None and not m["rel"] <= limits["rel"]:
                 failures.append(f"{graph}.{name} relative error {m['rel']:.2e} > {limits['rel']}")
-    if end_to_end["kl_mean"] > limits["kl_mean"]:
+    if not end_to_end["kl_mean"] <= limits["kl_mean"]:
         failures.append(f"mean KL {end_to_end['kl_mean']:.2e} > {limits['kl_mean']}")
-    if end_to_end["top1_agreement"] < limits["top1"]:
+    if decided and not end_to_end["top1_agreement"] >= limits["top1"]:
         failures.append(f"top-1 agreement {end_to_end['top1_agreement']:.3f} < {limits['top1']}")
     # Free-running greedy decoding diverges for good at the first differing token; a divergence
     # at a near-tie of the reference is a coin flip, not an accuracy failure.
@@ -131,6 +158,7 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                "worst_cosine": min(m["cosine"] for o in graphs.values() for m in o.values()),
                "prefill_logits_rel": graphs["decoder"]["prefill_logits"]["rel"],
                "kl_mean": end_to_end["kl_mean"], "top1_agreement": end_to_end["top1_agreement"],
+               "top1_decided": len(decided),
                "greedy_match": end_to_end["greedy_match"], "failures": failures}
     report = {"artifact": str(artifact_dir), "audio": [str(a) for a in audio], "prompt_tokens": len(prompt_ids),
               "graphs": graphs, "steps": per_step, "end_to_end": end_to_end, "thresholds": limits, "summary": summary}
@@ -140,6 +168,12 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
         summary.update(task_exact_match=task["artifact"]["exact_match"], task_reference_exact_match=task["reference"]["exact_match"],
                        event_list_exact_match=task["artifact"]["event_list_exact_match"])
     return report
+
+
+def top1_text(agreement: float | None, decided: int, steps: int) -> str:
+    if agreement is None:
+        return f"n/a (all {steps} steps were near-ties)"
+    return f"{agreement:.3f} ({decided} of {steps} steps decided)"
 
 
 def report_markdown(report: dict) -> str:
@@ -154,7 +188,7 @@ def report_markdown(report: dict) -> str:
     e = report["end_to_end"]
     lines += ["", "| end to end | value |", "|---|---|",
               f"| mean KL / max KL | {e['kl_mean']:.3e} / {e['kl_max']:.3e} |",
-              f"| top-1 agreement (off near-ties) | {e['top1_agreement']:.3f} ({e['near_ties']} near-ties) |",
+              f"| top-1 agreement (off near-ties) | {top1_text(e['top1_agreement'], e['top1_decided'], s['steps'])} |",
               f"| greedy prefix match | {e['greedy_match']:.3f}"
               f"{' (diverged at a near-tie)' if e.get('diverged_at_near_tie') else ''} |"]
     if "task" in report:

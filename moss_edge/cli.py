@@ -23,23 +23,57 @@ def cmd_demo(args) -> None:
     run_demo(args.workdir, args.audio, args.max_new_tokens)
 
 
+def _token_ids(args):
+    """The token ids given on the command line over what the checkpoint's files say."""
+    from moss_edge.runtime.prompt import read_token_ids
+
+    ids = read_token_ids(args.checkpoint)
+    for flag in ("audio_token", "audio_start", "audio_end"):
+        value = getattr(args, f"{flag}_id")
+        if value is not None:
+            setattr(ids, flag, value)
+    if args.digit_ids is not None:
+        try:
+            ids.digits = [int(t) for t in args.digit_ids.replace(",", " ").split()]
+        except ValueError:
+            raise MossEdgeError("--digit-ids takes the ten ids of the digits 0-9, separated by commas") from None
+        if len(ids.digits) != 10:
+            raise MossEdgeError(f"--digit-ids takes ten ids (the digits 0-9); got {len(ids.digits)}")
+    return ids
+
+
 def cmd_export(args) -> None:
     from moss_edge.export.onnx_export import export_artifact
 
     out = export_artifact(args.checkpoint, args.output, opset=args.opset, verify_steps=args.verify_steps,
-                          log=lambda m: print(m, file=sys.stderr))
-    _print_summary(json.loads((out / "manifest.json").read_text())["parity"])
-    print(f"wrote {out}")
+                          token_ids=_token_ids(args), log=lambda m: print(m, file=sys.stderr))
+    parity = json.loads((out / "manifest.json").read_text())["parity"]
+    _print_summary(parity)
+    _finish(out, parity, "the fp32 graphs do not reproduce the PyTorch model: report the failures above, or check "
+                         "the checkpoint for NaN/Inf weights")
+
+
+def _finish(out: Path, parity: dict, advice: str) -> None:
+    """Say where the artifact is; a failed parity check exits 1 with what to try."""
+    if parity.get("passed", True):
+        print(f"wrote {out}")
+        return
+    print(f"wrote {out}, but it FAILED its parity check (its manifest says so; `moss-edge info` and "
+          f"Pipeline.load warn about it): {advice}", file=sys.stderr)
+    raise SystemExit(1)
 
 
 def _print_summary(summary: dict) -> None:
+    from moss_edge.export.verify import top1_text
+
     if "skipped" in summary:
         print(f"parity not checked: {summary['skipped']}")
         return
     state = "passed" if summary["passed"] else "FAILED"
     print(f"parity {state} ({summary['precision']}): worst cosine {summary['worst_cosine']:.6f}, "
           f"prefill logits rel. error {summary['prefill_logits_rel']:.2e}, mean KL {summary['kl_mean']:.2e}, "
-          f"top-1 {summary['top1_agreement']:.3f}, greedy match {summary['greedy_match']:.3f}")
+          f"top-1 {top1_text(summary['top1_agreement'], summary.get('top1_decided', 0), summary['steps'])}, "
+          f"greedy match {summary['greedy_match']:.3f}")
     if "task_exact_match" in summary:
         print(f"task accuracy (exact match): {summary['task_exact_match']:.3f} "
               f"(fp32 reference {summary['task_reference_exact_match']:.3f}), event list {summary['event_list_exact_match']:.3f}")
@@ -102,6 +136,7 @@ def cmd_verify(args) -> None:
 
 
 def cmd_info(args) -> None:
+    from moss_edge.quantize.plan import summarize_kept
     from moss_edge.runtime.artifact import Artifact
 
     artifact = Artifact.load(args.artifact, check_hashes=not args.no_hash_check)
@@ -109,6 +144,8 @@ def cmd_info(args) -> None:
     if args.json:
         print(json.dumps(m, indent=2))
         return
+    if artifact.failed_parity:
+        print(f"FAILED    this artifact failed its parity check: {'; '.join(m['parity']['failures'])}")
     print(f"artifact  {artifact.root}  (format {m['format_version']}, {m['created_by']})")
     print(f"source    {m['source']['checkpoint']}  sha256 {m['source']['sha256'][:16]}...")
     sizes = m["model"]
@@ -122,6 +159,8 @@ def cmd_info(args) -> None:
         print(f"{name:<9} {g['precision']:<10} {g['opset']:<6} {mib:>9.2f}  {ins} -> {outs}")
     if "parity" in m:
         _print_summary(m["parity"])
+    for line in summarize_kept(m.get("quantization", {}).get("higher_precision", {})):
+        print(f"kept      {line}")
 
 
 def cmd_bench(args) -> None:
@@ -147,6 +186,7 @@ def cmd_bench(args) -> None:
 
 def cmd_quantize(args) -> None:
     from moss_edge.quantize.artifact import quantize_artifact
+    from moss_edge.quantize.plan import summarize_kept
     from moss_edge.quantize.recipe import load_recipe
     from moss_edge.runtime.artifact import Artifact
 
@@ -154,11 +194,10 @@ def cmd_quantize(args) -> None:
     verify = None
     if not args.no_verify:
         from moss_edge.calibration.dataset import HELD_OUT
-        from moss_edge.export.verify import verify_artifact
+        from moss_edge.export.verify import check_reference, verify_artifact
 
         reference = Path(args.reference or Artifact.load(args.artifact, check_hashes=False).manifest["source"]["checkpoint"])
-        if not reference.is_dir():
-            raise MossEdgeError(f"reference checkpoint {reference} not found; pass --reference CHECKPOINT or --no-verify")
+        check_reference(args.artifact, reference)  # before the work, not after it
         audio = args.verify_audio or [bundled_audio(HELD_OUT)]
         verify = lambda tmp: verify_artifact(tmp, reference, audio=audio, steps=args.steps,  # noqa: E731
                                              task_examples=args.task_examples)
@@ -166,11 +205,14 @@ def cmd_quantize(args) -> None:
     out = quantize_artifact(args.artifact, args.output, recipe, calibration=args.calibration, cache_dir=cache,
                             verify=verify, keep_until_pass=args.keep_until_pass, log=lambda m: print(m, file=sys.stderr))
     manifest = json.loads((out / "manifest.json").read_text())
+    for line in summarize_kept(manifest["quantization"]["higher_precision"]):
+        print(f"kept: {line}")
     if "parity" in manifest:
         _print_summary(manifest["parity"])
-    print(f"wrote {out} (runs on: {', '.join(manifest['backends'])})")
-    if "parity" in manifest and not manifest["parity"]["passed"]:
-        raise SystemExit(1)
+    print(f"runs on: {', '.join(manifest['backends'])}")
+    advice = ("try --keep-until-pass (keeps the most error-sensitive decoder weights one step more precise), or a "
+              "recipe that keeps more precision (--recipe int8, or a recipe file with \"keep\": [...])")
+    _finish(out, manifest.get("parity", {}), advice)
 
 
 def cmd_train_tiny(args) -> None:
@@ -230,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=21,
                    help="21 (default) runs everywhere incl. TensorRT 10.3; 23 fuses attention and RMSNorm (ORT CPU only)")
     p.add_argument("--verify-steps", type=int, default=16, help="decode steps in the parity check")
+    p.add_argument("--audio-token-id", type=int, help="id of <|AUDIO|> (default: processor_config.json, else upstream's)")
+    p.add_argument("--audio-start-id", type=int, help="id of <|audio_bos|> (default: processor_config.json, else upstream's)")
+    p.add_argument("--audio-end-id", type=int, help="id of <|audio_eos|> (default: processor_config.json, else upstream's)")
+    p.add_argument("--digit-ids", help="ids of the digits 0-9 used by time markers, comma-separated (default: 15-24)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quantize", help="make an INT8 / INT4 artifact from an fp32 one",

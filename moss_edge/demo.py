@@ -32,7 +32,8 @@ def _step(message: str) -> None:
 
 def run_demo(workdir: str | None = None, audio: str | None = None, max_new_tokens: int = 40) -> Path:
     from moss_edge.bench import directory_mib
-    from moss_edge.export.onnx_export import checkpoint_hash, export_artifact
+    from moss_edge.export.checkpoint import checkpoint_hash
+    from moss_edge.export.onnx_export import export_artifact
     from moss_edge.export.synthetic import preset, write_synthetic_checkpoint
     from moss_edge.export.tiny_task import make_example, normalise
     from moss_edge.export.verify import report_markdown, verify_artifact

@@ -10,46 +10,13 @@ import onnx
 
 from moss_edge.calibration.activations import activation_ranges, decoder_input_stats
 from moss_edge.calibration.dataset import build_samples, find_audio
-from moss_edge.quantize.kernels import cpu_kernels
+from moss_edge.quantize.dynamic_int8 import quantize_dynamic_int8
 from moss_edge.quantize.graph import WeightRule, quantize_weights, weight_sensitivity
-from moss_edge.quantize.recipe import GraphRecipe, Recipe
+from moss_edge.quantize.kernels import cpu_kernels
+from moss_edge.quantize.plan import higher_precision_weights, weight_plan
+from moss_edge.quantize.recipe import Recipe
 from moss_edge.runtime.artifact import Artifact, graph_entry, staged_dir
 from moss_edge.runtime.errors import MossEdgeError
-
-
-def weight_plan(graph_path: Path, recipe: GraphRecipe) -> dict[str, WeightRule]:
-    """Every 2-D weight of a MatMul (and the embedding table of a Gather) with its rule."""
-    model = onnx.load(str(graph_path), load_external_data=False)
-    dims = {i.name: list(i.dims) for i in model.graph.initializer}
-    bits = {"int4": 4, "int8": 8, "w8a8": 8}
-    plan = {}
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and len(dims.get(node.input[1], [])) == 2:
-            name, rows = node.input[1], dims[node.input[1]][0]
-            precision = recipe.lm_head if "lm_head" in name else recipe.precision
-        elif node.op_type == "Gather" and len(dims.get(node.input[0], [])) == 2:
-            name, rows = node.input[0], dims[node.input[0]][1]
-            precision = recipe.embedding
-        else:
-            continue
-        if precision == "fp32" or any(k in name for k in recipe.keep) or rows % recipe.block:
-            continue
-        table = "lm_head" in name or node.op_type == "Gather"
-        plan[name] = WeightRule(bits[precision], recipe.block, "rtn" if table else recipe.method,
-                                per_channel=precision == "w8a8")
-    return plan
-
-
-def _int8_dynamic(src: Path, dst: Path) -> None:
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    logging.getLogger().setLevel(logging.ERROR)  # its "run pre-processing" advice is for CNNs
-
-    big = sum(f.stat().st_size for f in src.parent.glob(f"{src.name}*")) > 1 << 30
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                     use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
 
 
 def promote(plan: dict[str, WeightRule], names: list[str]) -> dict[str, WeightRule]:
@@ -95,7 +62,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
         manifest = json.loads(json.dumps(src.manifest))
         manifest.pop("parity_report", None)
         manifest.pop("parity", None)
-        layers = {}
+        layers, formats = {}, {}
         for name, graph in recipe.graphs.items():
             source = src.graph_path(name)
             log(f"{name}: {graph.precision}" + (f" ({graph.method}, block {graph.block})" if graph.precision in ("int4", "int8") else ""))  # noqa: E501
@@ -103,7 +70,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
                 for f in src.manifest["graphs"][name]["files"]:
                     shutil.copy(src.root / f, tmp / f)
             elif graph.precision == "int8-dynamic":
-                _int8_dynamic(source, tmp / f"{name}.onnx")
+                formats[name] = quantize_dynamic_int8(source, tmp / f"{name}.onnx")
             else:
                 scales = {act: max(r, 1e-8) / 127 for act, r in ranges.get(name, {}).items()}
                 layers[name] = quantize_weights(source, tmp / f"{name}.onnx", weight_plan(source, graph),
@@ -112,7 +79,11 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
         for f in src.manifest.get("tokenizer_files", []):
             shutil.copy(src.root / f, tmp / f)
         manifest["backends"] = sorted(set(recipe.backends) & set(src.manifest.get("backends", recipe.backends)))
-        manifest["quantization"] = {"recipe": recipe.to_dict(), "from": str(src.root.resolve())}
+        manifest["quantization"] = {"recipe": recipe.to_dict(), "from": str(src.root.resolve()),
+                                    "dynamic_int8": formats, "higher_precision": {}}
+        for name, graph in recipe.graphs.items():
+            manifest["quantization"]["higher_precision"][name] = higher_precision_weights(
+                src.graph_path(name), tmp / f"{name}.onnx", graph)
         report = _check(tmp, manifest, recipe, layers, verify, log)
         decoder = recipe.graphs["decoder"]
         if keep_until_pass and not report["summary"]["passed"] and decoder.precision in ("int4", "int8"):
@@ -129,6 +100,10 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
                 layers["decoder"] = quantize_weights(source, tmp / "decoder.onnx", promote(plan, kept), stats)
                 manifest["graphs"]["decoder"] = graph_entry(tmp, "decoder", decoder.precision)
                 manifest["quantization"]["kept_more_precise"] = {n: sensitivity[n] for n in kept}
+                promoted = {n: f"--keep-until-pass: one step more precise (weighted error {sensitivity[n]:.2e})"
+                            for n in kept}
+                manifest["quantization"]["higher_precision"]["decoder"] = higher_precision_weights(
+                    source, tmp / "decoder.onnx", decoder, promoted)
                 report = _check(tmp, manifest, recipe, layers, verify, log)
                 count *= 2
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -144,20 +144,20 @@ def quantize_weights(src: Path, dst: Path, plan: dict[str, WeightRule], stats: d
                     before.setdefault(id(user), []).append(
                         helper.make_node("Mul", [user.input[0], inv.name], [scaled], name=f"{init.name}_awq"))
                     user.input[0] = scaled
-            for user in users:
+            for use, user in enumerate(users):  # a weight can feed several MatMuls (out_proj: taps and output)
                 act = user.input[0]
                 if user.op_type == "MatMul" and activation_scales and act in activation_scales:
-                    scale = writer.tensor(f"{init.name}_act_scale", TensorProto.FLOAT, [],
+                    scale = writer.tensor(f"{init.name}_act_scale{use}", TensorProto.FLOAT, [],
                                           np.float32(activation_scales[act]).tobytes())
-                    zero = writer.tensor(f"{init.name}_act_zero", TensorProto.INT8, [], np.int8(0).tobytes())
+                    zero = writer.tensor(f"{init.name}_act_zero{use}", TensorProto.INT8, [], np.int8(0).tobytes())
                     new_inits += [scale, zero]
-                    q, dq = f"{init.name}_act_q", f"{init.name}_act_dq"
+                    q, dq = f"{init.name}_act_q{use}", f"{init.name}_act_dq{use}"
                     before.setdefault(id(user), []).extend([
                         helper.make_node("QuantizeLinear", [act, scale.name, zero.name], [q], name=q),
                         helper.make_node("DequantizeLinear", [q, scale.name, zero.name], [dq], name=dq)])
                     user.input[0] = dq
             done[init.name] = {"bits": rule.bits, "block": rule.block, "method": rule.method, "awq": input_scale is not None,
-                               "activations": bool(activation_scales and any(u.input[0].endswith("_act_dq") for u in users))}
+                               "activations": bool(activation_scales and any("_act_dq" in u.input[0] for u in users))}
     finally:
         writer.close()
     del graph.initializer[:]

@@ -2,6 +2,8 @@
 
 A weight W [K, N] used as MatMul(X [.., K], W) is split into blocks of `block` rows; each
 block and output column gets one scale, and q = round(W / scale) in [-2^(b-1), 2^(b-1)-1].
+When K is not a multiple of the block the last block is shorter (ceil(K / block) scales, as
+ONNX's blocked DequantizeLinear defines it), so no weight is left unquantized for its shape.
 """
 
 import numpy as np
@@ -14,29 +16,34 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def _blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """[K, N] -> [ceil(K/block), block, N], the short last block padded with zero rows."""
+    k, n = x.shape
+    pad = -k % block
+    if pad:
+        x = np.concatenate([x, np.zeros((pad, n), x.dtype)])
+    return x.reshape(-1, block, n)
+
+
 def quantize_blocked(w: np.ndarray, bits: int, block: int, clip: np.ndarray | float = 1.0):
-    """w [K, N] -> (q int8 [K, N], scale float32 [K/block, N]). clip shrinks each block's range
-    (scalar, or [K/block, N]) so outliers cost less resolution."""
+    """w [K, N] -> (q int8 [K, N], scale float32 [ceil(K/block), N]). clip shrinks each block's
+    range (scalar, or one per block and column) so outliers cost less resolution."""
     k, n = w.shape
-    if k % block:
-        raise ValueError(f"input dimension {k} is not a multiple of the block size {block}")
-    blocks = w.reshape(k // block, block, n).astype(np.float32)
+    blocks = _blocks(np.asarray(w, np.float32), block)
     scale = np.abs(blocks).max(axis=1) * clip / qmax(bits)
     scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
     q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax(bits) - 1, qmax(bits))
-    return q.astype(np.int8).reshape(k, n), scale
+    return q.astype(np.int8).reshape(-1, n)[:k], scale
 
 
 def dequantize_blocked(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
     k, n = q.shape
-    return (q.reshape(k // block, block, n) * scale[:, None, :]).reshape(k, n).astype(np.float32)
+    return (_blocks(q, block) * scale[:, None, :]).reshape(-1, n)[:k].astype(np.float32)
 
 
 def _weighted_error(w, deq, h, block):
     """Per-block output error estimate: sum_k h_k (w - deq)^2, h = E[x_k^2] of the MatMul input."""
-    k, n = w.shape
-    err = (h[:, None] * (w - deq) ** 2).reshape(k // block, block, n)
-    return err.sum(axis=1)
+    return _blocks(h[:, None] * (w - deq) ** 2, block).sum(axis=1)
 
 
 def search_clip(w: np.ndarray, h: np.ndarray, bits: int, block: int) -> np.ndarray:

@@ -78,6 +78,11 @@ class Artifact:
         return self.root / self.manifest["graphs"][name]["file"]
 
     @property
+    def failed_parity(self) -> bool:
+        """True when the artifact's own parity check (export or quantize) failed."""
+        return self.manifest.get("parity", {}).get("passed") is False
+
+    @property
     def token_ids(self) -> TokenIds:
         return TokenIds(**self.manifest["token_ids"])
 

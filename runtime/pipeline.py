@@ -3,6 +3,7 @@
 import io
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,10 @@ from moss_edge.runtime.sampling import SamplingOptions, split_thinking
 from moss_edge.runtime.session import ShapeLimits, make_session, trt_profiles
 
 AudioInput = str | Path | bytes | tuple[np.ndarray, int] | np.ndarray
+
+
+class ParityWarning(UserWarning):
+    """Loading an artifact whose parity check against the PyTorch model failed."""
 
 
 @dataclass
@@ -115,6 +120,10 @@ class Pipeline:
             precisions = {g: e["precision"] for g, e in artifact.manifest["graphs"].items()}
             raise MossEdgeError(f"artifact {artifact.root} ({precisions}) does not run on {provider}; it runs on "
                                 f"{', '.join(backends)}. For TensorRT/CUDA quantize with --recipe int4-trt")
+        if artifact.failed_parity:
+            warnings.warn(f"artifact {artifact.root} FAILED its parity check ({'; '.join(artifact.manifest['parity']['failures'])}); "
+                          "its answers may be wrong: quantize again with --keep-until-pass or a more precise recipe",
+                          ParityWarning, stacklevel=3)
         self.artifact = artifact
         self.ids = artifact.token_ids
         self.model = artifact.model

@@ -36,14 +36,30 @@ class TokenIds:
     time_markers: bool = True
 
 
+AUDIO_TOKENS = {"audio_token": "<|AUDIO|>", "audio_start": "<|audio_bos|>", "audio_end": "<|audio_eos|>"}
+
+
+def _added_tokens(root: Path) -> dict[str, int]:
+    """Special-token text -> id from tokenizer.json / tokenizer_config.json, if present."""
+    out = {t["content"]: int(t["id"]) for t in _read_json(root / "tokenizer.json").get("added_tokens", [])
+           if isinstance(t, dict) and "content" in t and "id" in t}
+    for i, t in _read_json(root / "tokenizer_config.json").get("added_tokens_decoder", {}).items():
+        if isinstance(t, dict) and "content" in t:
+            out.setdefault(t["content"], int(i))
+    return out
+
+
 def read_token_ids(checkpoint_dir: str | Path) -> TokenIds:
-    """Ids from processor_config.json and generation_config.json, upstream defaults otherwise."""
+    """Ids from whatever the checkpoint holds, in this order: processor_config.json, config.json
+    (`audio_token_id`, ...), the tokenizer's added tokens (<|AUDIO|>, ...), generation_config.json
+    for the stop ids; upstream's defaults for what none of them names."""
     root = Path(checkpoint_dir)
     ids = TokenIds()
-    proc = _read_json(root / "processor_config.json")
-    ids.audio_token = int(proc.get("audio_token_id", ids.audio_token))
-    ids.audio_start = int(proc.get("audio_start_id", ids.audio_start))
-    ids.audio_end = int(proc.get("audio_end_id", ids.audio_end))
+    proc, config, added = _read_json(root / "processor_config.json"), _read_json(root / "config.json"), _added_tokens(root)
+    for name, text in AUDIO_TOKENS.items():
+        key = f"{name}_id"
+        value = proc.get(key, config.get(key, added.get(text, getattr(ids, name))))
+        setattr(ids, name, int(value))
     ids.time_markers = bool(proc.get("enable_time_marker", ids.time_markers))
     if "digit_token_ids" in proc:
         ids.digits = [int(proc["digit_token_ids"][str(d)]) for d in range(10)]
@@ -60,9 +76,12 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise MossEdgeError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise MossEdgeError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 def audio_span(n_tokens: int, ids: TokenIds) -> list[int]:

@@ -55,6 +55,13 @@ def test_ids_from_checkpoint_files(tmp_path):
     assert ids.stop == [4, 3]
     defaults = read_token_ids(tmp_path / "absent")
     assert defaults.audio_token == 151654 and defaults.stop == [151645, 151643]
+    # no processor config: config.json keys, then the tokenizer's added tokens
+    (tmp_path / "processor_config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"audio_token_id": 11}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": [
+        {"id": 12, "content": "<|audio_bos|>"}, {"id": 13, "content": "<|audio_eos|>"}, {"id": 14, "content": "<|AUDIO|>"}]}))
+    ids = read_token_ids(tmp_path)
+    assert (ids.audio_token, ids.audio_start, ids.audio_end) == (11, 12, 13)
 
 
 def test_vocab_merges_tokenizer(tmp_path):

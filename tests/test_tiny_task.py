@@ -133,7 +133,7 @@ def test_verify_reports_task_accuracy_of_the_sound_event_model(tmp_path):
 
 def test_demo_answers_with_the_packaged_model_and_replaces_stale_artifacts(tmp_path, capsys):
     from moss_edge.demo import run_demo
-    from moss_edge.export.onnx_export import checkpoint_hash
+    from moss_edge.export.checkpoint import checkpoint_hash
 
     stale = tmp_path / "artifact-fp32"
     stale.mkdir()

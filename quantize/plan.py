@@ -1,0 +1,98 @@
+"""Which weights of a graph a recipe quantizes, and why every other weight stays more precise."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from moss_edge.quantize.graph import WeightRule
+from moss_edge.quantize.recipe import GraphRecipe
+
+BITS = {"int4": 4, "int8": 8, "w8a8": 8}
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, tuple[str, list[int]]]:
+    """Initializers used as a weight (MatMul/Gemm/Conv right-hand side, Gather table): op and dims."""
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1 and node.input[1] in dims:
+            out.setdefault(node.input[1], (node.op_type, dims[node.input[1]]))
+        elif node.op_type == "Gather" and node.input[0] in dims:
+            out.setdefault(node.input[0], (node.op_type, dims[node.input[0]]))
+    return out
+
+
+def weight_precision(name: str, op: str, dims: list[int], recipe: GraphRecipe) -> tuple[str, str]:
+    """(precision, reason) for one weight under a weight-only or W8A8 recipe; reason is empty
+    when the weight is quantized. The one place these decisions are made."""
+    if recipe.precision == "fp32":
+        return "fp32", "the recipe keeps this graph fp32"
+    if op == "Gather":
+        precision, why = recipe.embedding, "the recipe's embedding precision"
+    elif "lm_head" in name:
+        precision, why = recipe.lm_head, "the recipe's lm_head precision"
+    elif op == "MatMul":
+        precision, why = recipe.precision, ""
+    else:
+        return "fp32", f"{op} weight: {recipe.precision} quantizes MatMul weights and tables only"
+    if len(dims) != 2:
+        return "fp32", f"{len(dims)}-D {op} weight: only 2-D weights are quantized"
+    pattern = next((k for k in recipe.keep if k in name), None)
+    if pattern is not None:
+        return "fp32", f"the recipe keeps weights matching {pattern!r}"
+    if precision == "fp32":
+        return "fp32", why + " is fp32"
+    return precision, ""
+
+
+def weight_plan(graph_path: Path, recipe: GraphRecipe) -> dict[str, WeightRule]:
+    """Every weight the recipe quantizes (2-D MatMul weights, Gather tables) with its rule."""
+    model = onnx.load(str(graph_path), load_external_data=False)
+    plan = {}
+    for name, (op, dims) in _weights(model).items():
+        precision, _ = weight_precision(name, op, dims, recipe)
+        if precision == "fp32":
+            continue
+        table = "lm_head" in name or op == "Gather"
+        plan[name] = WeightRule(BITS[precision], recipe.block, "rtn" if table else recipe.method,
+                                per_channel=precision == "w8a8")
+    return plan
+
+
+def higher_precision_weights(src: Path, dst: Path, recipe: GraphRecipe,
+                             promoted: dict[str, str] | None = None) -> dict[str, dict]:
+    """Every weight of the fp32 graph `src` that the quantized graph `dst` keeps in floating
+    point, with its reason, and every weight `promoted` names (weight -> reason) at the
+    precision it got: nothing stays more precise without a word."""
+    before = _weights(onnx.load(str(src), load_external_data=False))
+    model = onnx.load(str(dst), load_external_data=False)
+    floats = {i.name: FLOAT_TYPES[i.data_type] for i in model.graph.initializer if i.data_type in FLOAT_TYPES}
+    out = {}
+    for name, (op, dims) in before.items():
+        if name not in floats:
+            continue
+        if recipe.precision == "int8-dynamic":
+            reason = ("Conv weight: dynamic INT8 quantizes MatMul weights only" if op == "Conv" else
+                      "left in floating point by onnxruntime's dynamic quantizer")
+        else:
+            reason = weight_precision(name, op, dims, recipe)[1] or "not quantized (no rule matched)"
+        out[name] = {"precision": floats[name], "reason": reason, "parameters": int(np.prod(dims))}
+    for name, reason in (promoted or {}).items():
+        out[name] = {"precision": floats.get(name, "int8"), "reason": reason,
+                     "parameters": int(np.prod(before[name][1]))}
+    return out
+
+
+def summarize_kept(kept: dict[str, dict[str, dict]]) -> list[str]:
+    """One line per graph and reason: how many weights (parameters) stay more precise."""
+    lines = []
+    for graph, weights in kept.items():
+        groups: dict[tuple[str, str], list[int]] = {}
+        for w in weights.values():
+            groups.setdefault((w["precision"], w["reason"]), []).append(w["parameters"])
+        for (precision, reason), sizes in groups.items():
+            lines.append(f"{graph}: {len(sizes)} weight(s), {sum(sizes) / 1e6:.2f} M parameters kept {precision}: {reason}")
+    return lines
