@@ -44,6 +44,9 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
     not_fp32 = [g for g, e in src.manifest["graphs"].items() if e["precision"] != "fp32"]
     if not_fp32:
         raise MossEdgeError(f"{src.root} is already quantized ({', '.join(not_fp32)}); quantize the fp32 export")
+    if src.failed_parity:
+        log(f"warning: {src.root} failed its own parity check against the PyTorch model; its quantized "
+            "version will fail too until the export is fixed")
     if keep_until_pass and verify is None:
         raise MossEdgeError("keeping layers until the parity check passes needs the parity check (drop --no-verify)")
     stats, ranges = None, {}
@@ -118,6 +121,8 @@ def _check(tmp: Path, manifest: dict, recipe: Recipe, layers: dict, verify, log)
     unfused = {g: k["dequantized_weights"] for g, k in kernels.items() if k["dequantized_weights"]}
     if unfused:
         log(f"warning: ONNX Runtime CPU left DequantizeLinear unfused in {unfused}: those weights run dequantized")
+    manifest.pop("parity", None)  # a previous round's result does not describe these graphs
+    manifest.pop("parity_report", None)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if verify is None:
         return None
