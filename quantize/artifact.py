@@ -79,9 +79,10 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
                 layers[name] = quantize_weights(source, tmp / f"{name}.onnx", weight_plan(source, graph),
                                                 stats if name == "decoder" else None, scales or None)
             manifest["graphs"][name] = graph_entry(tmp, name, graph.precision)
-        for f in src.manifest.get("tokenizer_files", []):
-            shutil.copy(src.root / f, tmp / f)
+        for f in src.tokenizer_files:
+            shutil.copy(src.file(f), tmp / f)
         manifest["backends"] = sorted(set(recipe.backends) & set(src.manifest.get("backends", recipe.backends)))
+        manifest["unfinished"] = "quantize: not verified yet"
         manifest["quantization"] = {"recipe": recipe.to_dict(), "from": str(src.root.resolve()),
                                     "dynamic_int8": formats, "higher_precision": {}}
         for name, graph in recipe.graphs.items():
@@ -109,7 +110,8 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
                     source, tmp / "decoder.onnx", decoder, promoted)
                 report = _check(tmp, manifest, recipe, layers, verify, log)
                 count *= 2
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        del manifest["unfinished"]
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))  # the last file written
     return out
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from moss_edge.quantize.weights import awq_quantize, pack_int4, quantize_blocked, search_clip
+from moss_edge.quantize.weights import awq_quantize, dequantize_blocked, pack_int4, quantize_blocked, search_clip
+from moss_edge.runtime.errors import MossEdgeError
 
 NP_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64,
             TensorProto.INT32: np.int32, TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8,
@@ -32,9 +33,15 @@ def read_initializer(init: TensorProto, root: Path) -> np.ndarray:
     if init.data_location != TensorProto.EXTERNAL:
         return numpy_helper.to_array(init)
     info = {e.key: e.value for e in init.external_data}
+    location = root / info.get("location", "")
+    try:
+        location.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise MossEdgeError(f"initializer {init.name} of a graph in {root} points at external data outside its "
+                            f"folder ({info.get('location')!r}); an artifact only reads its own files") from None
     dtype = NP_TYPES[init.data_type]
     count = int(np.prod(init.dims)) if init.dims else 1
-    return np.memmap(root / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+    return np.memmap(location, dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
                      shape=tuple(init.dims) if init.dims else ()) if count else np.zeros(init.dims, dtype)
 
 
@@ -176,8 +183,6 @@ def quantize_weights(src: Path, dst: Path, plan: dict[str, WeightRule], stats: d
 def weight_sensitivity(src: Path, plan: dict[str, WeightRule], stats: dict[str, dict] | None = None) -> dict[str, float]:
     """Relative output error of each planned MatMul weight under its rule (round to nearest):
     sum_k h_k |W_k - Q(W)_k|^2 / sum_k h_k |W_k|^2 with h = E[x^2] of the input when known."""
-    from moss_edge.quantize.weights import dequantize_blocked
-
     model = onnx.load(str(src), load_external_data=False)
     inputs = {n.input[1]: n.input[0] for n in model.graph.node if n.op_type == "MatMul"}
     out = {}

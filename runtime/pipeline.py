@@ -136,14 +136,14 @@ class Pipeline:
         self.encoder, self.adapter = session("encoder"), session("adapter")
         # audio-only users (calibration) skip the decoder: at 4B in fp32 it is the bulk of the memory
         self.decoder = DecoderRunner(session("decoder"), self.model) if with_decoder else None
-        files = artifact.manifest.get("tokenizer_files", [])
-        self.tokenizer = TextTokenizer.from_dir(artifact.root) if files else None
+        self.tokenizer = TextTokenizer.from_dir(artifact.root) if artifact.tokenizer_files else None
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-             check_hashes: bool = True, limits: ShapeLimits | None = None, with_decoder: bool = True) -> "Pipeline":
-        return cls(Artifact.load(artifact_dir, check_hashes), provider, threads, limits, with_decoder)
+             check_hashes: bool = True, limits: ShapeLimits | None = None, with_decoder: bool = True,
+             unfinished_ok: bool = False) -> "Pipeline":
+        return cls(Artifact.load(artifact_dir, check_hashes, unfinished_ok), provider, threads, limits, with_decoder)
 
     def encode(self, clips: list[AudioInput]) -> AudioFeatures:
         if not clips:
