@@ -196,7 +196,8 @@ def model_sizes(cfg) -> dict:
             "num_key_value_heads": cfg.language.num_key_value_heads, "head_dim": cfg.language.head_dim,
             "vocab_size": cfg.language.vocab_size, "num_deepstack": cfg.num_deepstack,
             "num_taps": len(cfg.audio.deepstack_encoder_layer_indexes), "chunk_frames": cfg.audio.chunk_frames,
-            "conv_chunksize": cfg.audio.conv_chunksize, "audio_dim": cfg.audio.output_dim}
+            "conv_chunksize": cfg.audio.conv_chunksize, "audio_dim": cfg.audio.output_dim,
+            "max_positions": cfg.language.max_position_embeddings}
 
 
 def available_memory() -> int:

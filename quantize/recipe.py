@@ -27,6 +27,11 @@ class GraphRecipe:
     activations: str = "percentile"  # w8a8 activation ranges: percentile (99.99th) or minmax
 
     def check(self, graph: str) -> None:
+        if not isinstance(self.keep, list) or not all(isinstance(k, str) and k for k in self.keep):
+            raise MossEdgeError(f"{graph}: keep must be a list of weight-name fragments, e.g. [\"layers.0.\"]; "
+                                f"got {self.keep!r}")
+        if isinstance(self.block, bool) or not isinstance(self.block, int):
+            raise MossEdgeError(f"{graph}: block must be a number (16, 32, 64, 128 or 256), got {self.block!r}")
         if self.precision not in PRECISIONS:
             raise MossEdgeError(f"{graph}: precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.method not in METHODS:
@@ -97,17 +102,28 @@ def load_recipe(spec: str) -> Recipe:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise MossEdgeError(f"recipe file {path} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise MossEdgeError(f"recipe {path} must be a JSON object {{\"decoder\": {{...}}, ...}}, not a "
+                                f"{type(raw).__name__}")
         unknown = set(raw) - set(GRAPHS) - {"name", "calibration_samples"}
         if unknown:
             raise MossEdgeError(f"recipe {path} names graph(s) {', '.join(sorted(unknown))} that do not exist; "
                                 f"the graphs are {', '.join(GRAPHS)}")
         graphs = {}
         for g in GRAPHS:
-            try:
-                graphs[g] = GraphRecipe(**raw.get(g, {}))
-            except TypeError as err:
-                raise MossEdgeError(f"recipe {path}, {g}: {err}") from None
-        recipe = Recipe(raw.get("name", path.stem), graphs, int(raw.get("calibration_samples", 12)))
+            spec = raw.get(g, {})
+            if not isinstance(spec, dict):
+                raise MossEdgeError(f"recipe {path}, {g}: must be an object such as {{\"precision\": \"int4\"}}, "
+                                    f"not {spec!r}")
+            unknown = set(spec) - set(GraphRecipe.__dataclass_fields__)
+            if unknown:
+                raise MossEdgeError(f"recipe {path}, {g}: unknown key(s) {', '.join(sorted(unknown))}; a graph takes "
+                                    f"{', '.join(GraphRecipe.__dataclass_fields__)}")
+            graphs[g] = GraphRecipe(**spec)
+        samples = raw.get("calibration_samples", 12)
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise MossEdgeError(f"recipe {path}: calibration_samples must be a whole number >= 1, got {samples!r}")
+        recipe = Recipe(str(raw.get("name", path.stem)), graphs, samples)
     for graph, r in recipe.graphs.items():
         r.check(graph)
     return recipe

@@ -34,10 +34,20 @@ def load_audio(path: str | Path) -> np.ndarray:
     return prepare_waveform(samples, rate)
 
 
+MAX_CHANNELS = 64
+
+
 def prepare_waveform(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     """Turn [n] or [n, channels] samples at any rate into mono float32 at 16 kHz."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer, float, np.floating)):
+        raise MossEdgeError(f"sample rate must be a number of samples per second, got {type(sample_rate).__name__}")
+    if not (np.isfinite(sample_rate) and sample_rate > 0 and float(sample_rate).is_integer()):
+        raise MossEdgeError(f"sample rate must be a positive whole number, got {sample_rate}")
     samples = np.asarray(samples)
     if samples.ndim == 2:
+        if samples.shape[1] > MAX_CHANNELS and samples.shape[0] <= MAX_CHANNELS:
+            raise MossEdgeError(f"audio of shape {samples.shape} looks channels-first; the layout is [samples, "
+                                "channels]: pass samples.T")
         samples = samples.mean(axis=1)
     if samples.ndim != 1:
         raise MossEdgeError(
@@ -49,8 +59,10 @@ def prepare_waveform(samples: np.ndarray, sample_rate: int) -> np.ndarray:
         raise MossEdgeError("audio has no samples")
     if not np.all(np.isfinite(samples)):
         raise MossEdgeError("audio contains NaN or infinite samples")
-    if sample_rate <= 0:
-        raise MossEdgeError(f"sample rate must be positive, got {sample_rate}")
+    peak = float(np.abs(samples).max())
+    if peak > 2.0:  # a little over 1 is ordinary clipping; far over is integer PCM stored as floats
+        raise MossEdgeError(f"audio samples reach {peak:.0f}; float samples are in [-1, 1] (16-bit PCM stored as "
+                            "floats: divide by 32768)")
     return resample(samples.astype(np.float32), int(sample_rate), SAMPLE_RATE)
 
 
@@ -138,6 +150,12 @@ def log_mel(waveform: np.ndarray) -> np.ndarray:
     mel = np.log10(np.maximum(mel, 1e-10))
     mel = np.maximum(mel, mel.max() - 8.0)
     return ((mel + 4.0) / 4.0).astype(np.float32)
+
+
+def clip_token_count(n_samples: int, chunk_frames: int) -> int:
+    """Audio tokens a clip of n_samples (16 kHz) becomes, chunk by chunk, without computing its mel."""
+    frames = n_samples // HOP_LENGTH
+    return sum(num_audio_tokens(min(chunk_frames, frames - s)) for s in range(0, frames, chunk_frames))
 
 
 def num_audio_tokens(n_frames: int) -> int:

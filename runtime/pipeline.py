@@ -5,14 +5,16 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
 from moss_edge.runtime.artifact import Artifact
-from moss_edge.runtime.audio import SAMPLE_RATE, chunk_mels, load_audio, log_mel, prepare_waveform
+from moss_edge.runtime.audio import (SAMPLE_RATE, chunk_mels, clip_token_count, load_audio, log_mel,
+                                     prepare_waveform)
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens, place_audio, stream_text
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids, expand_audio_spans
@@ -42,6 +44,7 @@ class Result:
     tokens: list[int]
     prompt_tokens: int
     timings: dict = field(default_factory=dict)
+    stop_reason: str = ""  # "stop token", "max_new_tokens" or "context limit"
 
 
 def to_waveform(audio: AudioInput) -> np.ndarray:
@@ -58,6 +61,9 @@ def to_waveform(audio: AudioInput) -> np.ndarray:
         return prepare_waveform(audio[0], audio[1])
     if isinstance(audio, np.ndarray):
         return prepare_waveform(audio, SAMPLE_RATE)
+    if isinstance(audio, (int, float, np.number)):
+        raise MossEdgeError("audio is a number: a Python list of samples is read as a list of clips; pass the "
+                            "samples as a numpy array (16 kHz) or as (samples, sample_rate)")
     raise MossEdgeError(f"audio must be a path, bytes, (samples, rate) or a 16 kHz array; got {type(audio).__name__}")
 
 
@@ -120,6 +126,8 @@ class Pipeline:
             precisions = {g: e["precision"] for g, e in artifact.manifest["graphs"].items()}
             raise MossEdgeError(f"artifact {artifact.root} ({precisions}) does not run on {provider}; it runs on "
                                 f"{', '.join(backends)}. For TensorRT/CUDA quantize with --recipe int4-trt")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise MossEdgeError(f"threads must be a whole number >= 1 (or left out for all cores), got {threads!r}")
         if artifact.failed_parity:
             warnings.warn(f"artifact {artifact.root} FAILED its parity check ({'; '.join(artifact.manifest['parity']['failures'])}); "
                           "its answers may be wrong: quantize again with --keep-until-pass or a more precise recipe",
@@ -138,6 +146,21 @@ class Pipeline:
         self.decoder = DecoderRunner(session("decoder"), self.model) if with_decoder else None
         self.tokenizer = TextTokenizer.from_dir(artifact.root) if artifact.tokenizer_files else None
         self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread inside generate/stream, to catch re-entry
+
+    @contextmanager
+    def _serving(self):
+        """One request at a time. The same thread asking again while its own stream is still
+        open would wait on itself forever: that is refused instead."""
+        if self._owner == threading.get_ident():
+            raise MossEdgeError("this thread has an unfinished stream() on this pipeline: read it to the end or "
+                                "call .close() on it before starting another request")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
     @classmethod
     def load(cls, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -148,8 +171,10 @@ class Pipeline:
     def encode(self, clips: list[AudioInput]) -> AudioFeatures:
         if not clips:
             raise MossEdgeError("give at least one audio clip")
-        mels = [log_mel(to_waveform(c)) for c in clips]
-        batch = chunk_mels(mels, self.model["chunk_frames"])
+        return self._encode_waveforms([to_waveform(c) for c in clips])
+
+    def _encode_waveforms(self, waveforms: list[np.ndarray]) -> AudioFeatures:
+        batch = chunk_mels([log_mel(w) for w in waveforms], self.model["chunk_frames"])
         tokens, taps = [], []
         step = self.model["conv_chunksize"]  # bounded memory on long clips
         for start in range(0, len(batch.frames), step):
@@ -168,7 +193,42 @@ class Pipeline:
             if self.tokenizer is None:
                 raise MossEdgeError("this artifact has no tokenizer; give the prompt as token ids")
             return chat_prompt_ids(self.tokenizer, prompt, clip_tokens, self.ids)
+        if not isinstance(prompt, (list, tuple, np.ndarray)):
+            raise MossEdgeError(f"a prompt is text or a list of token ids, not {type(prompt).__name__}")
+        vocab = self.model["vocab_size"]
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise MossEdgeError(f"prompt id {i} is {t!r}, not an integer")
+            if not 0 <= t < vocab:
+                raise MossEdgeError(f"prompt id {i} is {t}, outside the vocabulary (0 to {vocab - 1})")
+            if t == self.ids.audio_token:
+                raise MossEdgeError(f"prompt id {i} is the audio token ({t}), which the runtime places itself: mark "
+                                    f"each clip with audio_start ({self.ids.audio_start}), audio_end ({self.ids.audio_end})")
         return expand_audio_spans([int(t) for t in prompt], clip_tokens, self.ids)
+
+    def _request(self, audio: AudioInput | list[AudioInput], prompt: str | list[int]) -> tuple[list[np.ndarray], list[int]]:
+        """Waveforms and prompt ids, with the prompt's length checked before any encoding."""
+        clips = audio if isinstance(audio, list) else [audio]
+        if not clips:
+            raise MossEdgeError("give at least one audio clip")
+        waveforms = [to_waveform(c) for c in clips]
+        clip_tokens = [clip_token_count(len(w), self.model["chunk_frames"]) for w in waveforms]
+        ids = self.prompt_ids(prompt, clip_tokens)
+        limit = self.model["max_positions"]
+        if len(ids) >= limit:
+            seconds = sum(len(w) for w in waveforms) / SAMPLE_RATE
+            text = len(self.prompt_ids(prompt, [0] * len(clips)))  # the prompt without audio positions
+            fit = max(0.0, (limit - 1 - text) * seconds / (len(ids) - text))
+            raise MossEdgeError(f"the prompt is {len(ids)} tokens ({seconds:.0f} s of audio) but the model takes "
+                                f"{limit} positions: about {fit:.0f} s of audio fit with this question; "
+                                "shorten the audio or ask about parts of it")
+        return waveforms, ids
+
+    def _room(self, ids: list[int], opts: SamplingOptions) -> SamplingOptions:
+        """The options with max_new_tokens cut to the positions left after the prompt."""
+        opts.check()
+        room = self.model["max_positions"] - len(ids)
+        return replace(opts, max_new_tokens=room) if room < opts.max_new_tokens else opts
 
     def prefill(self, prompt_ids: list[int], audio: AudioFeatures) -> np.ndarray:
         """Run the prompt; returns the last position's logits and leaves the cache filled."""
@@ -195,26 +255,28 @@ class Pipeline:
     def stream(self, audio: AudioInput | list[AudioInput], prompt: str | list[int],
                opts: SamplingOptions | None = None, **sampling) -> Iterator[str]:
         """Yield text pieces as they are generated."""
-        with self._lock:
-            clips = audio if isinstance(audio, list) else [audio]
-            features = self.encode(clips)
-            ids = self.prompt_ids(prompt, features.clip_tokens)
-            opts = opts or SamplingOptions(**sampling)
+        with self._serving():
+            waveforms, ids = self._request(audio, prompt)
+            opts = self._room(ids, opts or SamplingOptions(**sampling))
+            features = self._encode_waveforms(waveforms)
             yield from stream_text(self._decode, self._tokens(ids, features, opts, {}))
 
     def generate(self, audio: AudioInput | list[AudioInput], prompt: str | list[int],
                  opts: SamplingOptions | None = None, **sampling) -> Result:
-        with self._lock:
+        with self._serving():
             timings = {}
             start = time.perf_counter()
-            clips = audio if isinstance(audio, list) else [audio]
-            features = self.encode(clips)
+            asked = opts or SamplingOptions(**sampling)
+            waveforms, ids = self._request(audio, prompt)
+            opts = self._room(ids, asked)
+            features = self._encode_waveforms(waveforms)
             timings["encode_s"] = time.perf_counter() - start
-            ids = self.prompt_ids(prompt, features.clip_tokens)
-            tokens = list(self._tokens(ids, features, opts or SamplingOptions(**sampling), timings))
+            tokens = list(self._tokens(ids, features, opts, timings))
             text = self._decode(tokens)
             thinking, answer = split_thinking(text)
-            return Result(answer, thinking, tokens, len(ids), timings)
+            reason = ("stop token" if len(tokens) < opts.max_new_tokens else
+                      "context limit" if opts.max_new_tokens < asked.max_new_tokens else "max_new_tokens")
+            return Result(answer, thinking, tokens, len(ids), timings, reason)
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens) if self.tokenizer else ""

@@ -146,8 +146,14 @@ class TextTokenizer:
             "give the prompt as token ids instead"
         )
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, control_tokens: bool = True) -> list[int]:
+        """control_tokens=False reads `<|im_end|>` and the like as plain text: what a user
+        types must not be able to close its own turn or open another."""
+        self.tokenizer.encode_special_tokens = not control_tokens
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tokenizer.encode_special_tokens = False
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
@@ -175,12 +181,12 @@ def chat_prompt_ids(tokenizer: TextTokenizer, question: str, clip_tokens: list[i
     """
     if AUDIO_PLACEHOLDER not in question:
         question = AUDIO_PLACEHOLDER * len(clip_tokens) + ("\n" if clip_tokens else "") + question
-    text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    pieces = text.split(AUDIO_PLACEHOLDER)
-    prompt = []
-    for i, piece in enumerate(pieces):
-        if piece:
-            prompt += tokenizer.encode(piece)
-        if i < len(pieces) - 1:
+    prompt = tokenizer.encode("<|im_start|>system\n") + tokenizer.encode(system, control_tokens=False)
+    prompt += tokenizer.encode("<|im_end|>\n<|im_start|>user\n")
+    for i, piece in enumerate(question.split(AUDIO_PLACEHOLDER)):
+        if i:
             prompt += [ids.audio_start, ids.audio_end]
+        if piece:
+            prompt += tokenizer.encode(piece, control_tokens=False)
+    prompt += tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
     return expand_audio_spans(prompt, clip_tokens, ids)

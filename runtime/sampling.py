@@ -19,14 +19,18 @@ class SamplingOptions:
     seed: int | None = None
 
     def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise MossEdgeError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise MossEdgeError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise MossEdgeError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise MossEdgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        def whole(name, value, least):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise MossEdgeError(f"{name} must be a whole number >= {least}, got {value!r}")
+
+        whole("max_new_tokens", self.max_new_tokens, 1)
+        whole("top_k", self.top_k, 0)
+        if self.seed is not None:
+            whole("seed", self.seed, 0)
+        if not (isinstance(self.temperature, (int, float)) and np.isfinite(self.temperature) and self.temperature >= 0):
+            raise MossEdgeError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise MossEdgeError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
 
 def next_token(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generator) -> int:
