@@ -26,7 +26,7 @@ from moss_edge import __version__
 from moss_edge.export.checkpoint import checkpoint_hash, load_model, tensor_files
 from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
-from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, graph_entry, sha256_file, staged_dir
+from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, check_output, graph_entry, sha256_file, staged_dir
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.prompt import TokenIds, read_token_ids
 
@@ -233,8 +233,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
     from moss_edge.export.verify import verify_artifact
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists")
+    check_output(out)
     cfg = load_config(checkpoint_dir)
     ids = token_ids or read_token_ids(checkpoint_dir)
     check_token_ids(ids, cfg.language.vocab_size)

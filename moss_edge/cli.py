@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -188,9 +189,10 @@ def cmd_quantize(args) -> None:
     from moss_edge.quantize.artifact import quantize_artifact
     from moss_edge.quantize.plan import summarize_kept
     from moss_edge.quantize.recipe import load_recipe
-    from moss_edge.runtime.artifact import Artifact
+    from moss_edge.runtime.artifact import Artifact, check_output
 
     recipe = load_recipe(args.recipe)
+    check_output(Path(args.output))
     verify = None
     if not args.no_verify:
         from moss_edge.calibration.dataset import HELD_OUT
@@ -383,6 +385,16 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as err:
         print(f"error: {err}; choose another output path or remove it", file=sys.stderr)
         return 2
+    except PermissionError as err:
+        print(f"error: no permission to {'write' if err.filename else 'use'} {err.filename or err}; "
+              "choose a folder you can write to", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # staged outputs have already been removed on the way out
+        print("interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -15,7 +15,7 @@ from moss_edge.quantize.graph import WeightRule, quantize_weights, weight_sensit
 from moss_edge.quantize.kernels import cpu_kernels
 from moss_edge.quantize.plan import higher_precision_weights, weight_plan
 from moss_edge.quantize.recipe import Recipe
-from moss_edge.runtime.artifact import Artifact, graph_entry, staged_dir
+from moss_edge.runtime.artifact import Artifact, check_output, graph_entry, staged_dir
 from moss_edge.runtime.errors import MossEdgeError
 
 
@@ -39,8 +39,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
     (1, 2, 4, ... of them) until the report passes."""
     src = Artifact.load(src_dir)
     out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists")
+    check_output(out)
     not_fp32 = [g for g, e in src.manifest["graphs"].items() if e["precision"] != "fp32"]
     if not_fp32:
         raise MossEdgeError(f"{src.root} is already quantized ({', '.join(not_fp32)}); quantize the fp32 export")

@@ -168,15 +168,25 @@ def remove_dead_staging(parent: Path) -> list[Path]:
     return removed
 
 
+def check_output(out: Path) -> None:
+    """Refuse an output that exists or cannot be written, before any work is done."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        raise MossEdgeError(f"cannot write {out}: {err.strerror} ({err.filename}); choose a folder you can write to") from None
+
+
 @contextmanager
 def staged_dir(out: Path):
     """A temporary folder beside out that becomes out in one rename when the block succeeds and
     is removed when it fails, so a half-written artifact or checkpoint is never left at out.
     Its name carries the process id, so a later run removes what a killed one left."""
     out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out)
     remove_dead_staging(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
     try:
