@@ -74,7 +74,11 @@ def _check_names_and_shapes(model: nn.Module, files: dict[str, Path]) -> None:
     for file, names in by_file.items():
         try:
             with safe_open(str(file), framework="pt") as f:
+                held = set(f.keys())
                 for name in names:
+                    if name not in held:
+                        problems.append(f"{name} is named in the shard index but absent from {file.name}")
+                        continue
                     shape = tuple(f.get_slice(name).get_shape())
                     if shape != expected[name]:
                         problems.append(f"{name} has shape {list(shape)}, config.json implies {list(expected[name])}")
@@ -82,6 +86,14 @@ def _check_names_and_shapes(model: nn.Module, files: dict[str, Path]) -> None:
             raise MossEdgeError(f"cannot read {file}: {err}") from None
     if problems:
         raise MossEdgeError("checkpoint does not match its config.json: " + "; ".join(problems))
+
+
+def check_checkpoint(checkpoint_dir: str | Path) -> None:
+    """Every tensor the config implies is present with its shape (headers only: seconds even at
+    8B), so a broken checkpoint fails before an export starts, whatever else is asked."""
+    with torch.device("meta"):
+        model = MossAudio(load_config(checkpoint_dir))
+    _check_names_and_shapes(model, tensor_files(checkpoint_dir))
 
 
 def load_model(checkpoint_dir: str | Path, dtype: torch.dtype | None = None) -> MossAudio:

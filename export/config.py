@@ -80,16 +80,31 @@ class MossAudioConfig:
         }
 
 
-def _pick(cls, values: dict, where: str):
-    """Build a dataclass from the keys it knows; other upstream keys are ignored."""
-    known = {f.name for f in fields(cls)}
-    try:
-        return cls(**{k: v for k, v in values.items() if k in known})
-    except TypeError as err:
-        raise MossEdgeError(f"bad {where} in config.json: {err}") from None
+def _typed(value, kind) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _pick(cls, values, where: str):
+    """Build a dataclass from the keys it knows (other upstream keys are ignored), each value
+    of the type the field declares."""
+    if not isinstance(values, dict):
+        raise MossEdgeError(f"{where} in config.json must be an object, not {type(values).__name__}")
+    kinds = {f.name: f.type if f.type in (int, float) else list for f in fields(cls)}
+    picked = {k: v for k, v in values.items() if k in kinds and not (k == "head_dim" and v is None)}
+    for key, value in picked.items():
+        if not _typed(value, kinds[key]):
+            raise MossEdgeError(f"{where}.{key} in config.json is {value!r}; it must be "
+                                f"{'a whole number' if kinds[key] is int else 'a number' if kinds[key] is float else 'a list of whole numbers'}")
+    return cls(**picked)
 
 
 def parse_config(raw: dict) -> MossAudioConfig:
+    if not isinstance(raw, dict):
+        raise MossEdgeError(f"config.json must hold a JSON object, not a {type(raw).__name__}")
     if raw.get("model_type") != "moss_audio":
         raise MossEdgeError(
             f"config.json has model_type {raw.get('model_type')!r}; expected 'moss_audio' "
@@ -97,23 +112,43 @@ def parse_config(raw: dict) -> MossAudioConfig:
         )
     audio = _pick(AudioConfig, raw.get("audio_config") or {}, "audio_config")
     language = _pick(LanguageConfig, raw.get("language_config") or {}, "language_config")
-    if language.head_dim is None:
-        language.head_dim = language.hidden_size // language.num_attention_heads
+    if (raw.get("language_config") or {}).get("head_dim", 0) is None:
+        language.head_dim = language.hidden_size // max(language.num_attention_heads, 1)
+    _check_sizes(audio, language)
     tie = bool(raw.get("tie_word_embeddings", False))
     if tie:
         raise MossEdgeError("tie_word_embeddings=true is not a MOSS-Audio layout this tool supports")
-    cfg = MossAudioConfig(
-        audio=audio,
-        language=language,
-        adapter_hidden_size=int(raw.get("adapter_hidden_size", 8192)),
-        deepstack_num_inject_layers=raw.get("deepstack_num_inject_layers"),
-    )
+    inject = raw.get("deepstack_num_inject_layers")
+    if inject is not None and not (_typed(inject, int) and inject >= 0):
+        raise MossEdgeError(f"deepstack_num_inject_layers in config.json is {inject!r}; it must be null or a whole "
+                            "number >= 0")
+    adapter = raw.get("adapter_hidden_size", 8192)
+    if not (_typed(adapter, int) and adapter > 0):
+        raise MossEdgeError(f"adapter_hidden_size in config.json is {adapter!r}; it must be a whole number > 0")
+    cfg = MossAudioConfig(audio=audio, language=language, adapter_hidden_size=adapter, deepstack_num_inject_layers=inject)
     if cfg.num_deepstack > language.num_hidden_layers:
         raise MossEdgeError("more DeepStack injections than decoder layers in config.json")
     bad = [i for i in audio.deepstack_encoder_layer_indexes if not 0 <= i < audio.encoder_layers]
     if bad:
         raise MossEdgeError(f"deepstack_encoder_layer_indexes {bad} outside 0..{audio.encoder_layers - 1}")
     return cfg
+
+
+def _check_sizes(audio: AudioConfig, language: LanguageConfig) -> None:
+    """Sizes that cannot make a model fail here, not as a tracing error deep in the exporter."""
+    for where, cfg in (("audio_config", audio), ("language_config", language)):
+        for f in fields(cfg):
+            value = getattr(cfg, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+                raise MossEdgeError(f"{where}.{f.name} in config.json is {value}; it must be > 0")
+    if audio.d_model % audio.encoder_attention_heads:
+        raise MossEdgeError(f"audio_config: d_model {audio.d_model} is not divisible by encoder_attention_heads "
+                            f"{audio.encoder_attention_heads}")
+    if language.num_attention_heads % language.num_key_value_heads:
+        raise MossEdgeError(f"language_config: num_attention_heads {language.num_attention_heads} is not a multiple "
+                            f"of num_key_value_heads {language.num_key_value_heads}")
+    if language.head_dim % 2:
+        raise MossEdgeError(f"language_config: head_dim {language.head_dim} must be even (rotary embeddings)")
 
 
 def load_config(checkpoint_dir: str | Path) -> MossAudioConfig:
@@ -125,6 +160,6 @@ def load_config(checkpoint_dir: str | Path) -> MossAudioConfig:
         raise MossEdgeError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
     try:
         raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MossEdgeError(f"{config_file} is not valid JSON: {err}") from None
     return parse_config(raw)

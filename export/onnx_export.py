@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from moss_edge import __version__
-from moss_edge.export.checkpoint import checkpoint_hash, load_model, tensor_files
+from moss_edge.export.checkpoint import check_checkpoint, checkpoint_hash, load_model, tensor_files
 from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
 from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, check_output, graph_entry, sha256_file, staged_dir
@@ -233,11 +233,13 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
     from moss_edge.export.verify import verify_artifact
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
+    if opset not in (21, 23):
+        raise MossEdgeError(f"opset {opset} is not supported: 21 (runs everywhere) or 23 (fused attention, ORT CPU)")
     check_output(out)
     cfg = load_config(checkpoint_dir)
     ids = token_ids or read_token_ids(checkpoint_dir)
     check_token_ids(ids, cfg.language.vocab_size)
-    tensor_files(checkpoint_dir)  # fail on a broken checkpoint before any work
+    check_checkpoint(checkpoint_dir)  # a missing or mis-shaped tensor fails now, not after the tracing
     with staged_dir(out) as tmp:
         log("exporting encoder, adapter and decoder to ONNX")
         export_graphs(checkpoint_dir, cfg, ids.audio_token, tmp, opset, log)

@@ -103,7 +103,7 @@ def cmd_run(args) -> None:
 
     pipe = Pipeline.load(args.artifact, provider=args.provider, threads=args.threads)
     opts = _sampling(args)
-    if args.stream and not args.json:
+    if args.stream and not args.json and pipe.tokenizer is not None:
         for piece in pipe.stream(args.audio, _prompt(args), opts):
             print(piece, end="", flush=True)
         print()
@@ -111,7 +111,11 @@ def cmd_run(args) -> None:
     result = pipe.generate(args.audio, _prompt(args), opts)
     if args.json:
         print(json.dumps({"text": result.text, "thinking": result.thinking, "tokens": result.tokens,
-                          "prompt_tokens": result.prompt_tokens, "timings": result.timings}, indent=2))
+                          "prompt_tokens": result.prompt_tokens, "stop_reason": result.stop_reason,
+                          "timings": result.timings}, indent=2))
+        return
+    if pipe.tokenizer is None:  # no text without a tokenizer: the generated ids are the answer
+        print(" ".join(str(t) for t in result.tokens))
         return
     if args.show_thinking and result.thinking:
         print(f"<think>{result.thinking}</think>")

@@ -21,6 +21,8 @@ N_MELS = 128
 def load_audio(path: str | Path) -> np.ndarray:
     """Read wav/flac/ogg/mp3 (whatever libsndfile reads), mix to mono, resample to 16 kHz."""
     path = Path(path)
+    if path.is_dir():
+        raise MossEdgeError(f"{path} is a folder; give an audio file (wav, flac, ogg or mp3)")
     if not path.is_file():
         raise MossEdgeError(f"audio file not found: {path}")
     if path.stat().st_size == 0:

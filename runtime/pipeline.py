@@ -55,7 +55,7 @@ def to_waveform(audio: AudioInput) -> np.ndarray:
         try:
             samples, rate = sf.read(io.BytesIO(audio), dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-            raise MossEdgeError(f"cannot decode the audio bytes ({err})") from None
+            raise MossEdgeError(f"cannot decode the audio bytes ({err}); give wav, flac, ogg or mp3 data") from None
         return prepare_waveform(samples, rate)
     if isinstance(audio, tuple) and len(audio) == 2:
         return prepare_waveform(audio[0], audio[1])
@@ -65,6 +65,28 @@ def to_waveform(audio: AudioInput) -> np.ndarray:
         raise MossEdgeError("audio is a number: a Python list of samples is read as a list of clips; pass the "
                             "samples as a numpy array (16 kHz) or as (samples, sample_rate)")
     raise MossEdgeError(f"audio must be a path, bytes, (samples, rate) or a 16 kHz array; got {type(audio).__name__}")
+
+
+def check_graph_io(artifact: Artifact, name: str, session) -> None:
+    """The loaded graph has the inputs its role needs, with the manifest's sizes: a graph swapped
+    for another one, or a manifest edited to other sizes, fails here with a message."""
+    m = artifact.model
+    wanted = {"encoder": {"mel": {1: 128}, "frames": {}},
+              "adapter": {"audio_tokens": {1: m["audio_dim"]}, "taps": {0: m["num_taps"], 2: m["audio_dim"]}},
+              "decoder": {"input_ids": {}, "position_ids": {}, "audio_embeds": {2: m["hidden_size"]},
+                          "deepstack_embeds": {0: m["num_deepstack"], 3: m["hidden_size"]},
+                          **{f"past_{kind}_{i}": {1: m["num_key_value_heads"], 3: m["head_dim"]}
+                             for i in range(m["num_hidden_layers"]) for kind in ("key", "value")}}}[name]
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    problems = [f"no input {n!r}" for n in wanted if n not in inputs]
+    problems += [f"{n} dim {axis} is {inputs[n][axis]}, the manifest says {size}" for n, dims in wanted.items()
+                 if n in inputs for axis, size in dims.items()
+                 if axis < len(inputs[n]) and isinstance(inputs[n][axis], int) and inputs[n][axis] != size]
+    if len(inputs) != len(wanted) and name == "decoder":
+        problems.append(f"{len(inputs)} inputs, the manifest's {m['num_hidden_layers']} layers need {len(wanted)}")
+    if problems:
+        raise MossEdgeError(f"{artifact.graph_path(name)} is not the {name} graph its manifest describes "
+                            f"({'; '.join(problems[:4])}); export the artifact again")
 
 
 class DecoderRunner:
@@ -142,8 +164,14 @@ class Pipeline:
             return make_session(artifact.graph_path(graph), provider, threads, cache, profiles)
 
         self.encoder, self.adapter = session("encoder"), session("adapter")
+        check_graph_io(artifact, "encoder", self.encoder)
+        check_graph_io(artifact, "adapter", self.adapter)
         # audio-only users (calibration) skip the decoder: at 4B in fp32 it is the bulk of the memory
-        self.decoder = DecoderRunner(session("decoder"), self.model) if with_decoder else None
+        self.decoder = None
+        if with_decoder:
+            decoder = session("decoder")
+            check_graph_io(artifact, "decoder", decoder)
+            self.decoder = DecoderRunner(decoder, self.model)
         self.tokenizer = TextTokenizer.from_dir(artifact.root) if artifact.tokenizer_files else None
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside generate/stream, to catch re-entry

@@ -137,10 +137,16 @@ class TextTokenizer:
     @classmethod
     def from_dir(cls, root: str | Path) -> "TextTokenizer":
         root = Path(root)
-        if (root / "tokenizer.json").is_file():
-            return cls(Tokenizer.from_file(str(root / "tokenizer.json")))
-        if (root / "vocab.json").is_file() and (root / "merges.txt").is_file():
-            return cls(_tokenizer_from_vocab_merges(root))
+        try:
+            if (root / "tokenizer.json").is_file():
+                return cls(Tokenizer.from_file(str(root / "tokenizer.json")))
+            if (root / "vocab.json").is_file() and (root / "merges.txt").is_file():
+                return cls(_tokenizer_from_vocab_merges(root))
+        except Exception as err:  # the tokenizers library raises plain Exceptions for unreadable files
+            if isinstance(err, MossEdgeError):
+                raise
+            raise MossEdgeError(f"the tokenizer in {root} cannot be read ({str(err).splitlines()[0][:200]}); "
+                                "copy the checkpoint's tokenizer files again") from None
         raise MossEdgeError(
             f"{root} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); "
             "give the prompt as token ids instead"

@@ -214,3 +214,109 @@ def test_cli_threads_and_unwritable_output(synthetic_artifact, synthetic_checkpo
     assert "cannot write" in capsys.readouterr().err and time.perf_counter() - start < 5  # before calibrating
     assert main(["export", str(synthetic_checkpoint), "-o", str(blocker / "e")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def _broken_checkpoint(src, dst, config=None, drop=None):
+    shutil.copytree(src, dst)
+    if config is not None:
+        raw = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps(config(raw)))
+    if drop is not None:
+        from safetensors.torch import load_file, save_file
+
+        for shard in dst.glob("*.safetensors"):
+            tensors = load_file(str(shard))
+            kept = {n: t for n, t in tensors.items() if drop not in n}
+            if len(kept) != len(tensors):
+                save_file(kept, str(shard), metadata={"format": "pt"})
+        index = dst / "model.safetensors.index.json"
+        if index.is_file():
+            raw = json.loads(index.read_text())
+            raw["weight_map"] = {n: f for n, f in raw["weight_map"].items() if drop not in n}
+            index.write_text(json.dumps(raw))
+    return dst
+
+
+def _set(section, key, value):
+    def change(raw):
+        raw[section][key] = value
+        return raw
+    return change
+
+
+@pytest.mark.parametrize("config, drop, message", [
+    (lambda raw: [raw], None, "must hold a JSON object"),
+    (_set("language_config", "num_hidden_layers", "4"), None, "must be a whole number"),
+    (_set("audio_config", "encoder_attention_heads", 5), None, "not divisible by encoder_attention_heads"),
+    (lambda raw: {**raw, "deepstack_num_inject_layers": -1}, None, "deepstack_num_inject_layers"),
+    (None, "lm_head.weight", "missing tensors: lm_head.weight"),
+    (None, "out_proj", "missing tensors"),
+])
+def test_checkpoint_problems_fail_before_any_work(synthetic_checkpoint, tmp_path, capsys, config, drop, message):
+    ckpt = _broken_checkpoint(synthetic_checkpoint, tmp_path / "ckpt", config, drop)
+    start = time.perf_counter()
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err and time.perf_counter() - start < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_checkpoint_index_names_a_tensor_its_shard_lacks(tmp_path, capsys):
+    from moss_edge.export.synthetic import preset, write_synthetic_checkpoint
+
+    ckpt = write_synthetic_checkpoint(tmp_path / "sharded", preset("tiny"), dtype="fp32", shard_mb=0)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    name = next(n for n in index["weight_map"] if "embed_tokens" in n)
+    other = next(f for f in set(index["weight_map"].values()) if f != index["weight_map"][name])
+    index["weight_map"][name] = other
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "out")]) == 2
+    assert f"{name} is named in the shard index but absent from {other}" in capsys.readouterr().err
+
+
+def test_manifest_and_graph_problems(synthetic_artifact, fixture_artifact, tmp_path):
+    art = _copy(synthetic_artifact, tmp_path, "no-ids")
+    _edit_manifest(art, lambda m: m.pop("token_ids"))
+    with pytest.raises(MossEdgeError, match="no 'token_ids' section"):
+        Artifact.load(art)
+    art = _copy(synthetic_artifact, tmp_path, "sizes")
+    _edit_manifest(art, lambda m: m["model"].update(hidden_size=128))
+    with pytest.raises(MossEdgeError, match="is not the decoder graph its manifest describes"):
+        Pipeline.load(art)
+    art = _copy(synthetic_artifact, tmp_path, "swapped")  # the fixture's adapter, hashes updated to match
+    shutil.copy(fixture_artifact / "adapter.onnx", art / "adapter.onnx")
+    _edit_manifest(art, lambda m: m["graphs"]["adapter"]["files"].update({"adapter.onnx": sha256_file(art / "adapter.onnx")}))
+    with pytest.raises(MossEdgeError, match="is not the adapter graph"):
+        Pipeline.load(art)
+    art = _copy(synthetic_artifact, tmp_path, "tokenizer")
+    (art / "tokenizer.json").write_text("{not json")
+    _edit_manifest(art, lambda m: m["tokenizer_files"].update({"tokenizer.json": sha256_file(art / "tokenizer.json")}))
+    with pytest.raises(MossEdgeError, match="tokenizer in .* cannot be read"):
+        Pipeline.load(art)
+
+
+def test_cli_inputs(synthetic_checkpoint, fixture_artifact, tmp_path, capsys):
+    assert main(["export", str(synthetic_checkpoint), "-o", str(tmp_path / "o"), "--opset", "99"]) == 2
+    assert "opset 99 is not supported" in capsys.readouterr().err
+    assert main(["run", str(fixture_artifact), "--audio", str(tmp_path), "--prompt-ids", "1004,1005"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "noise.wav").write_bytes(b"RIFF not really")
+    assert main(["run", str(fixture_artifact), "--audio", str(tmp_path / "noise.wav"), "--prompt-ids", "1004,1005"]) == 2
+    assert "wav, flac, ogg or mp3" in capsys.readouterr().err
+    assert main(["run", str(fixture_artifact), "--audio", bundled_audio(), "--prompt-ids", "1004,1005",
+                 "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out.split()  # no tokenizer: the ids, not an empty line
+    assert 1 <= len(printed) <= 3 and all(t.isdigit() for t in printed)
+
+
+def test_cli_interrupt_and_closed_pipe(fixture_artifact, monkeypatch, capsys):
+    import moss_edge.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert main(["info", str(fixture_artifact)]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; nothing was left half-written"
+    monkeypatch.undo()
+    out = subprocess.run(f"{sys.executable} -m moss_edge.cli info {fixture_artifact} --json | head -1", shell=True,
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "{" and "Traceback" not in out.stderr
