@@ -28,7 +28,7 @@ from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
 from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, check_output, graph_entry, sha256_file, staged_dir
 from moss_edge.runtime.errors import MossEdgeError
-from moss_edge.runtime.prompt import TokenIds, read_token_ids
+from moss_edge.runtime.prompt import TextTokenizer, TokenIds, read_token_ids
 
 OPSET = 21
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -240,6 +240,8 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
     ids = token_ids or read_token_ids(checkpoint_dir)
     check_token_ids(ids, cfg.language.vocab_size)
     check_checkpoint(checkpoint_dir)  # a missing or mis-shaped tensor fails now, not after the tracing
+    if any((checkpoint_dir / f).is_file() for f in TOKENIZER_FILES[:3]):
+        TextTokenizer.from_dir(checkpoint_dir)  # an unreadable tokenizer fails now too
     with staged_dir(out) as tmp:
         log("exporting encoder, adapter and decoder to ONNX")
         export_graphs(checkpoint_dir, cfg, ids.audio_token, tmp, opset, log)

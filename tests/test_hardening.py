@@ -221,7 +221,9 @@ def _broken_checkpoint(src, dst, config=None, drop=None):
     if config is not None:
         raw = json.loads((dst / "config.json").read_text())
         (dst / "config.json").write_text(json.dumps(config(raw)))
-    if drop is not None:
+    if drop == "tokenizer":
+        (dst / "tokenizer.json").write_text("{broken")
+    elif drop is not None:
         from safetensors.torch import load_file, save_file
 
         for shard in dst.glob("*.safetensors"):
@@ -251,6 +253,7 @@ def _set(section, key, value):
     (lambda raw: {**raw, "deepstack_num_inject_layers": -1}, None, "deepstack_num_inject_layers"),
     (None, "lm_head.weight", "missing tensors: lm_head.weight"),
     (None, "out_proj", "missing tensors"),
+    (lambda raw: raw, "tokenizer", "tokenizer.json is not valid JSON"),
 ])
 def test_checkpoint_problems_fail_before_any_work(synthetic_checkpoint, tmp_path, capsys, config, drop, message):
     ckpt = _broken_checkpoint(synthetic_checkpoint, tmp_path / "ckpt", config, drop)
