@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.onnx_files import external_data_locations
 from moss_edge.runtime.prompt import TokenIds
 
 FORMAT = "moss-edge-artifact"
@@ -94,6 +95,12 @@ class Artifact:
                     f"{path} does not match its sha256 in manifest.json: the file was changed or "
                     "damaged; export or copy the artifact again"
                 )
+        for name, graph in self.manifest["graphs"].items():
+            # ONNX Runtime before 1.24 follows any external-data path: only the graph's own hashed files
+            for location in external_data_locations(self.file(graph["file"])):
+                if location not in graph["files"]:
+                    raise MossEdgeError(f"{self.root / graph['file']} points at external data {location!r}, which is not "
+                                        "one of the artifact's own files; an artifact only reads its own files")
 
     @property
     def tokenizer_files(self) -> dict[str, str]:
