@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from moss_edge.export.synthetic import preset, write_synthetic_checkpoint
-from moss_edge.runtime.artifact import Artifact, staged_dir
+from moss_edge.export.writer import staged_dir
+from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.errors import MossEdgeError
 
 

@@ -26,7 +26,8 @@ from moss_edge import __version__
 from moss_edge.export.checkpoint import check_checkpoint, checkpoint_hash, load_model, tensor_files
 from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
-from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, check_output, graph_entry, sha256_file, staged_dir
+from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
+from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, sha256_file
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.prompt import TextTokenizer, TokenIds, read_token_ids
 
@@ -258,7 +259,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
             "token_ids": vars(ids), "tokenizer_files": tokenizer_files, "backends": backends_for_opset(opset),
             "unfinished": "export: parity not checked yet",
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        write_manifest(tmp, manifest)
         weights_bytes = 4 * sum(p.numel() for p in skeleton_model(cfg).parameters())
         if verify_steps == 0:
             manifest["parity"] = {"skipped": "export was asked not to verify (--verify-steps 0)"}
@@ -275,5 +276,5 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
             (tmp / "parity.json").write_text(json.dumps(report, indent=2))
             manifest["parity_report"] = "parity.json"
         del manifest["unfinished"]
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))  # the last file written
+        write_manifest(tmp, manifest)  # the last file written
     return out

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from moss_edge.export.checkpoint import DTYPES
 from moss_edge.export.config import AudioConfig, LanguageConfig, MossAudioConfig
 from moss_edge.export.model import MossAudio
-from moss_edge.runtime.artifact import staged_dir
+from moss_edge.export.writer import staged_dir
 
 # Upstream's special-token ids; a small vocabulary moves them just below its end.
 QWEN_SPECIALS = {

@@ -18,7 +18,7 @@ from moss_edge.export.model import MossAudio
 from moss_edge.export.synthetic import _init
 from moss_edge.export.tiny_task import (CLASSES, TASKS, build_tokenizer, make_clip, make_example, normalise,
                                         training_questions)
-from moss_edge.runtime.artifact import staged_dir
+from moss_edge.export.writer import staged_dir
 from moss_edge.runtime.audio import chunk_mels, log_mel
 from moss_edge.runtime.prompt import TOKENS_PER_SECOND, TextTokenizer, TokenIds, chat_prompt_ids
 

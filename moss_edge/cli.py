@@ -193,7 +193,8 @@ def cmd_quantize(args) -> None:
     from moss_edge.quantize.artifact import quantize_artifact
     from moss_edge.quantize.plan import summarize_kept
     from moss_edge.quantize.recipe import load_recipe
-    from moss_edge.runtime.artifact import Artifact, check_output
+    from moss_edge.export.writer import check_output
+    from moss_edge.runtime.artifact import Artifact
 
     recipe = load_recipe(args.recipe)
     check_output(Path(args.output))

@@ -15,7 +15,8 @@ from moss_edge.quantize.graph import WeightRule, quantize_weights, weight_sensit
 from moss_edge.quantize.kernels import cpu_kernels
 from moss_edge.quantize.plan import higher_precision_weights, weight_plan
 from moss_edge.quantize.recipe import Recipe
-from moss_edge.runtime.artifact import Artifact, check_output, graph_entry, staged_dir
+from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
+from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.errors import MossEdgeError
 
 
@@ -110,7 +111,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
                 report = _check(tmp, manifest, recipe, layers, verify, log)
                 count *= 2
         del manifest["unfinished"]
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))  # the last file written
+        write_manifest(tmp, manifest)  # the last file written
     return out
 
 
@@ -124,7 +125,7 @@ def _check(tmp: Path, manifest: dict, recipe: Recipe, layers: dict, verify, log)
         log(f"warning: ONNX Runtime CPU left DequantizeLinear unfused in {unfused}: those weights run dequantized")
     manifest.pop("parity", None)  # a previous round's result does not describe these graphs
     manifest.pop("parity_report", None)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(tmp, manifest)
     if verify is None:
         return None
     report = verify(tmp)

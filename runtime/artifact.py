@@ -1,15 +1,12 @@
 """An artifact directory: ONNX graphs, tokenizer files and manifest.json describing them.
 
 The manifest records each graph's files with sha256, precision, opset and IO; the runtime
-checks them at load so a damaged or mixed-up artifact fails with a clear message.
+checks them at load so a damaged or mixed-up artifact fails with a clear message. Writing
+artifacts is export's job (export/writer.py): nothing here writes.
 """
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,81 +123,3 @@ class Artifact:
     def model(self) -> dict:
         """Sizes the runtime needs: hidden, layers, kv heads, head_dim, deepstack, chunk frames."""
         return self.manifest["model"]
-
-
-# Writing artifacts (export and quantize; onnx is imported only here, not on the device path).
-
-def _io(values) -> list[dict]:
-    import onnx
-
-    names = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64"}
-    return [{"name": v.name, "dtype": names.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
-             "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
-
-
-def graph_entry(root: Path, name: str, precision: str) -> dict:
-    """Manifest entry of root/name.onnx: its files with sha256 (external data too), opset, IO."""
-    import onnx
-
-    path = root / f"{name}.onnx"
-    proto = onnx.load(str(path), load_external_data=False)
-    files = [path.name]
-    for init in proto.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location" and entry.value not in files:
-                files.append(entry.value)
-    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return {"file": path.name, "files": {f: sha256_file(root / f) for f in files}, "precision": precision,
-            "opset": opset, "inputs": _io(proto.graph.input), "outputs": _io(proto.graph.output)}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def remove_dead_staging(parent: Path) -> list[Path]:
-    """Remove the staging folders that killed runs left in parent (their process is gone)."""
-    removed = []
-    for tmp in parent.glob(".*.staging-*-*"):
-        pid = tmp.name.rsplit(".staging-", 1)[1].split("-", 1)[0]
-        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-    return removed
-
-
-def check_output(out: Path) -> None:
-    """Refuse an output that exists or cannot be written, before any work is done."""
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as err:
-        raise MossEdgeError(f"cannot write {out}: {err.strerror} ({err.filename}); choose a folder you can write to") from None
-
-
-@contextmanager
-def staged_dir(out: Path):
-    """A temporary folder beside out that becomes out in one rename when the block succeeds and
-    is removed when it fails, so a half-written artifact or checkpoint is never left at out.
-    Its name carries the process id, so a later run removes what a killed one left."""
-    out = Path(out)
-    check_output(out)
-    remove_dead_staging(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            raise FileExistsError(f"{out} already exists")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -27,7 +27,8 @@ features = pipe.encode([audio])
 prompt = pipe.prompt_ids(ids, features.clip_tokens)
 logits = pipe.prefill(prompt, features)
 tokens = pipe.generate(audio, ids, SamplingOptions(max_new_tokens=24)).tokens
-heavy = [m for m in ("torch", "transformers", "nncf", "optimum") if m in sys.modules]
+heavy = [m for m in ("torch", "transformers", "nncf", "optimum", "onnx", "moss_edge.export", "moss_edge.quantize",
+                     "moss_edge.calibration") if m in sys.modules]
 print(json.dumps({"prompt": prompt, "logits": logits.tolist(), "tokens": tokens, "heavy": heavy}))
 """
 

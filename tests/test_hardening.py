@@ -16,7 +16,8 @@ from moss_edge import bundled_audio
 from moss_edge.cli import main
 from moss_edge.quantize.artifact import quantize_artifact
 from moss_edge.quantize.recipe import PRESETS, load_recipe
-from moss_edge.runtime.artifact import Artifact, sha256_file, staged_dir
+from moss_edge.export.writer import staged_dir
+from moss_edge.runtime.artifact import Artifact, sha256_file
 from moss_edge.runtime.audio import load_audio
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.pipeline import Pipeline
