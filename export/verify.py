@@ -1,5 +1,6 @@
 """Parity of an artifact with the PyTorch reference: per graph, per decode step, end to end."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,6 @@ from moss_edge import bundled_audio
 from moss_edge.export.checkpoint import checkpoint_hash, load_model
 from moss_edge.export.model import MossAudio
 from moss_edge.export.reference import ReferencePipeline
-from moss_edge.export.train_tiny import task_accuracy
 from moss_edge.runtime.audio import load_audio, log_mel
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens
@@ -78,10 +78,10 @@ def _reference_steps(ref: ReferencePipeline, prompt: list[int], audio, steps: in
 
 def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path, ids: TokenIds | None = None,
                     audio: list[str] | None = None, prompt: str | list[int] | None = None, steps: int = 16,
-                    provider: str = "cpu", task_examples: int = 0) -> dict:
+                    provider: str = "cpu", evaluate: Callable[[Pipeline, MossAudio], dict | None] | None = None) -> dict:
     """Compare an artifact with the fp32 PyTorch model; returns the report (see `summary`).
-    With task_examples > 0 and an artifact of the sound-event model (`moss-edge train-tiny`),
-    the report also holds task accuracy on that many held-out examples, artifact and reference."""
+    evaluate(pipe, reference) may add a task report (reported, not gated), e.g. the sound-event
+    model's accuracy (`moss_edge.sound_events.evaluate.task_report`)."""
     if not isinstance(reference, MossAudio):
         check_reference(artifact_dir, reference)
         reference = load_model(reference, torch.float32)
@@ -134,7 +134,7 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                "greedy_match": end_to_end["greedy_match"], "failures": failures}
     report = {"artifact": str(artifact_dir), "audio": [str(a) for a in audio], "prompt_tokens": len(prompt_ids),
               "graphs": graphs, "steps": per_step, "end_to_end": end_to_end, "thresholds": limits, "summary": summary}
-    task = task_accuracy(pipe, reference, task_examples) if task_examples > 0 else None
+    task = evaluate(pipe, reference) if evaluate else None
     if task:  # reported, not gated: on a few hundred examples a point or two is sampling noise
         report["task"] = task
         summary.update(task_exact_match=task["artifact"]["exact_match"], task_reference_exact_match=task["reference"]["exact_match"],

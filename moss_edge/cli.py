@@ -124,9 +124,10 @@ def cmd_run(args) -> None:
 
 def cmd_verify(args) -> None:
     from moss_edge.export.verify import report_markdown, verify_artifact
+    from moss_edge.sound_events.evaluate import task_report
 
     report = verify_artifact(args.artifact, args.reference, audio=args.audio, steps=args.steps, provider=args.provider,
-                             task_examples=args.task_examples)
+                             evaluate=task_report(args.task_examples))
     markdown = report_markdown(report)
     for path, text in ((args.json, json.dumps(report, indent=2)), (args.markdown, markdown)):
         if path:
@@ -202,12 +203,13 @@ def cmd_quantize(args) -> None:
     if not args.no_verify:
         from moss_edge.calibration.dataset import HELD_OUT
         from moss_edge.export.verify import check_reference, verify_artifact
+        from moss_edge.sound_events.evaluate import task_report
 
         reference = Path(args.reference or Artifact.load(args.artifact, check_hashes=False).manifest["source"]["checkpoint"])
         check_reference(args.artifact, reference)  # before the work, not after it
         audio = args.verify_audio or [bundled_audio(HELD_OUT)]
         verify = lambda tmp: verify_artifact(tmp, reference, audio=audio, steps=args.steps,  # noqa: E731
-                                             task_examples=args.task_examples)
+                                             evaluate=task_report(args.task_examples))
     cache = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "moss-edge"
     out = quantize_artifact(args.artifact, args.output, recipe, calibration=args.calibration, cache_dir=cache,
                             verify=verify, keep_until_pass=args.keep_until_pass, log=lambda m: print(m, file=sys.stderr))
@@ -223,7 +225,7 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_train_tiny(args) -> None:
-    from moss_edge.export.train_tiny import train_tiny
+    from moss_edge.sound_events.train import train_tiny
 
     if Path(args.output).exists():
         raise FileExistsError(f"{args.output} already exists")
@@ -233,7 +235,7 @@ def cmd_train_tiny(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from moss_edge.export.train_tiny import answerer, evaluate
+    from moss_edge.sound_events.evaluate import answerer, evaluate
 
     if not Path(args.path).exists():
         raise MossEdgeError(f"{args.path} not found: give a checkpoint folder or an artifact folder")

@@ -35,7 +35,8 @@ def run_demo(workdir: str | None = None, audio: str | None = None, max_new_token
     from moss_edge.export.checkpoint import checkpoint_hash
     from moss_edge.export.onnx_export import export_artifact
     from moss_edge.export.synthetic import preset, write_synthetic_checkpoint
-    from moss_edge.export.tiny_task import make_example, normalise
+    from moss_edge.sound_events.evaluate import task_report
+    from moss_edge.sound_events.task import make_example, normalise
     from moss_edge.export.verify import report_markdown, verify_artifact
     from moss_edge.quantize.artifact import quantize_artifact
     from moss_edge.quantize.recipe import GraphRecipe, Recipe
@@ -100,7 +101,8 @@ def run_demo(workdir: str | None = None, audio: str | None = None, max_new_token
         print(f"   the INT4 answer {'matches the clip' if right else 'differs from the clip'} "
               "(how often it gets held-out clips right is measured below)")
     _step("5/5 parity with the PyTorch reference, and size / speed")
-    report = verify_artifact(quantized, checkpoint, audio=[audio], steps=16, task_examples=48 if trained else 0)
+    report = verify_artifact(quantized, checkpoint, audio=[audio], steps=16,
+                            evaluate=task_report(48 if trained else 0))
     print(report_markdown(report))
     print(f"{'artifact':<10} {'MiB':>8} {'encode ms':>10} {'prefill ms':>11} {'decode ms/token':>16}")
     for name, path in (("fp32", fp32), ("int4", quantized)):

@@ -5,6 +5,7 @@ import pytest
 from moss_edge.calibration.activations import decoder_input_stats
 from moss_edge.calibration.dataset import build_samples, find_audio
 from moss_edge.export.verify import verify_artifact
+from moss_edge.sound_events.evaluate import task_report
 from moss_edge.quantize.artifact import quantize_artifact
 from moss_edge.quantize.plan import weight_plan
 from moss_edge.quantize.recipe import load_recipe
@@ -57,7 +58,7 @@ def recipe_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def quantized(synthetic_artifact, synthetic_checkpoint, recipe_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("quantized")
-    verify = lambda d: verify_artifact(d, synthetic_checkpoint, steps=32, task_examples=4)  # noqa: E731
+    verify = lambda d: verify_artifact(d, synthetic_checkpoint, steps=32, evaluate=task_report(4))  # noqa: E731
     out = {}
     for name, spec in (("int8", "int8"), ("int4-rtn", recipe_files["int4-rtn"]), ("int4-awq", recipe_files["int4-awq"])):
         out[name] = quantize_artifact(synthetic_artifact, root / name, load_recipe(spec), cache_dir=root / "cache",

@@ -11,13 +11,13 @@ import moss_edge
 from moss_edge.export.model import MossAudio
 from moss_edge.export.onnx_export import export_artifact
 from moss_edge.export.reference import ReferencePipeline
-from moss_edge.export.tiny_task import (CLASSES, TASKS, Event, build_tokenizer, make_clip, make_example, normalise,
-                                        training_questions)
-from moss_edge.export.train_tiny import (SYSTEM, Probes, answerer, clips_loss, evaluate, tiny_config, token_ids,
-                                         token_targets, train_tiny)
 from moss_edge.export.verify import report_markdown, verify_artifact
 from moss_edge.runtime.audio import log_mel
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids
+from moss_edge.sound_events.evaluate import answerer, evaluate, task_report
+from moss_edge.sound_events.task import (CLASSES, SYSTEM, TASKS, Event, build_tokenizer, make_clip, make_example,
+                                         normalise, training_questions)
+from moss_edge.sound_events.train import Probes, clips_loss, tiny_config, token_ids, token_targets, train_tiny
 
 
 def test_examples_are_deterministic_and_consistent():
@@ -123,7 +123,7 @@ def test_verify_reports_task_accuracy_of_the_sound_event_model(tmp_path):
     artifact = export_artifact(PACKAGED, tmp_path / "fp32", verify_steps=4, log=lambda m: None)
     clip = tmp_path / "clip.wav"
     sf.write(clip, make_example(np.random.default_rng(3)).wave, 16000)
-    report = verify_artifact(artifact, PACKAGED, audio=[str(clip)], steps=4, task_examples=8)
+    report = verify_artifact(artifact, PACKAGED, audio=[str(clip)], steps=4, evaluate=task_report(8))
     task = report["task"]
     assert task["n"] == 8 and set(task["artifact"]["per_task"]) == set(TASKS)
     assert abs(task["exact_match_drop"]) <= 1 / 8  # fp32 ONNX against fp32 PyTorch: at most one near-tie flips

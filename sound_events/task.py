@@ -13,6 +13,7 @@ SR = 16000
 CLASSES = ("low tone", "mid tone", "high tone", "rising sweep", "falling sweep", "noise burst", "click train", "chord")
 TASKS = ("list", "when", "count", "at")
 MAX_EVENTS = 4
+SYSTEM = "You are a helpful assistant."
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 
 

@@ -1,5 +1,4 @@
-"""Train a small MOSS-Audio (the real architecture) on the time-aware sound-event task, on CPU,
-and evaluate any checkpoint or artifact on held-out examples."""
+"""Train a small MOSS-Audio (the real architecture) on the time-aware sound-event task, on CPU."""
 
 import json
 import math
@@ -16,13 +15,10 @@ from safetensors.torch import load_file, save_file
 from moss_edge.export.config import AudioConfig, LanguageConfig, MossAudioConfig
 from moss_edge.export.model import MossAudio
 from moss_edge.export.synthetic import _init
-from moss_edge.export.tiny_task import (CLASSES, TASKS, build_tokenizer, make_clip, make_example, normalise,
-                                        training_questions)
 from moss_edge.export.writer import staged_dir
 from moss_edge.runtime.audio import chunk_mels, log_mel
 from moss_edge.runtime.prompt import TOKENS_PER_SECOND, TextTokenizer, TokenIds, chat_prompt_ids
-
-SYSTEM = "You are a helpful assistant."
+from moss_edge.sound_events.task import CLASSES, SYSTEM, build_tokenizer, make_clip, training_questions
 
 
 def tiny_config(vocab_size: int) -> MossAudioConfig:
@@ -190,85 +186,3 @@ def write_checkpoint(out_dir: str | Path, model: MossAudio, raw_tokenizer, info:
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": ids.stop[1], "eos_token_id": ids.stop[0]}))
         (tmp / "training.json").write_text(json.dumps(info, indent=2))
     return out
-
-
-def evaluate(answer, n: int = 300, seed: int = 1234) -> dict:
-    """answer(example) -> text. Exact match per task, start-time accuracy ("when" task), and
-    per-class accuracy of the event list ("list" task: each event's label and start)."""
-    rng = np.random.default_rng(seed)
-    per_task, per_class = defaultdict(list), defaultdict(list)
-    for i in range(n):
-        example = make_example(rng, TASKS[i % len(TASKS)])
-        got = normalise(answer(example))
-        per_task[example.task].append(got == normalise(example.answer))
-        if example.task == "list":
-            listed = got.split(",")
-            for j, event in enumerate(example.events):
-                per_class[event.label].append(j < len(listed) and listed[j] == normalise(f"{event.start:.1f} {event.label}"))
-    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
-    return {"n": n, "seed": seed, "exact_match": mean([x for v in per_task.values() for x in v]),
-            "event_list_exact_match": mean(per_task["list"]), "start_time_accuracy": mean(per_task["when"]),
-            "per_task": {t: mean(v) for t, v in per_task.items()}, "per_class": {c: mean(v) for c, v in sorted(per_class.items())}}
-
-
-def artifact_answerer(pipe, no_deepstack: bool = False, max_new_tokens: int = 48):
-    """example -> answer text through the runtime (ONNX Runtime), greedy."""
-    from moss_edge.runtime.generation import generate_tokens
-    from moss_edge.runtime.sampling import SamplingOptions
-
-    opts, tok = SamplingOptions(max_new_tokens=max_new_tokens), pipe.tokenizer
-
-    def answer(example):
-        features = pipe.encode([example.wave])
-        if no_deepstack:
-            features.deepstack = np.zeros_like(features.deepstack)
-        prompt = chat_prompt_ids(tok, example.question, features.clip_tokens, pipe.ids, SYSTEM)
-        return tok.decode(list(generate_tokens(lambda: pipe.prefill(prompt, features), pipe.decoder.step, opts, pipe.ids.stop)))
-    return answer
-
-
-def reference_answerer(ref, tok: TextTokenizer, no_deepstack: bool = False, max_new_tokens: int = 48):
-    """example -> answer text through the PyTorch reference, greedy."""
-    from moss_edge.runtime.sampling import SamplingOptions
-
-    opts = SamplingOptions(max_new_tokens=max_new_tokens)
-
-    def answer(example):
-        features = ref.encode([log_mel(example.wave)])
-        if no_deepstack:
-            features.deepstack = np.zeros_like(features.deepstack)
-        prompt = chat_prompt_ids(tok, example.question, features.clip_tokens, ref.ids, SYSTEM)
-        return tok.decode(list(ref.generate(prompt, features, opts)))
-    return answer
-
-
-def answerer(path: str | Path, no_deepstack: bool = False, no_markers: bool = False, max_new_tokens: int = 48):
-    """example -> answer text, from a checkpoint (PyTorch reference, fp32) or an artifact
-    (ONNX Runtime), optionally with DeepStack zeroed or time markers off (ablations)."""
-    path = Path(path)
-    if (path / "manifest.json").is_file():
-        from moss_edge.runtime.pipeline import Pipeline
-
-        pipe = Pipeline.load(path)
-        pipe.ids.time_markers = not no_markers
-        return artifact_answerer(pipe, no_deepstack, max_new_tokens)
-
-    from moss_edge.export.reference import ReferencePipeline
-
-    ref = ReferencePipeline.load(path, torch.float32)
-    ref.ids.time_markers = not no_markers
-    return reference_answerer(ref, TextTokenizer.from_dir(path), no_deepstack, max_new_tokens)
-
-
-def task_accuracy(pipe, reference: MossAudio, n: int = 100) -> dict | None:
-    """The sound-event evaluation of an artifact next to its fp32 PyTorch reference, or None when
-    the artifact does not come from the sound-event model (judged by its tokenizer)."""
-    from moss_edge.export.reference import ReferencePipeline
-
-    if pipe.tokenizer is None or pipe.tokenizer.tokenizer.get_vocab() != build_tokenizer().get_vocab():
-        return None
-    art = evaluate(artifact_answerer(pipe), n)
-    ref = evaluate(reference_answerer(ReferencePipeline(reference, pipe.ids), pipe.tokenizer), n)
-    return {"n": n, "artifact": art, "reference": ref,
-            "exact_match_drop": ref["exact_match"] - art["exact_match"],
-            "event_list_drop": ref["event_list_exact_match"] - art["event_list_exact_match"]}

@@ -1,0 +1,1 @@
+"""The time-aware sound-event task: clips and questions, training the small model, evaluation."""
