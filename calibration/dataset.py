@@ -8,7 +8,7 @@ import numpy as np
 import soundfile as sf
 
 from moss_edge import bundled_audio
-from moss_edge.runtime.audio import load_audio
+from moss_edge.runtime.audio import SAMPLE_RATE, load_audio
 from moss_edge.runtime.errors import MossEdgeError
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3"}
@@ -32,8 +32,8 @@ class CalibrationSample:
 
     def waveform(self) -> np.ndarray:
         wave = load_audio(self.path)
-        start = int(self.start_s * 16000)
-        return wave[start : start + int(self.seconds * 16000)]
+        start = int(self.start_s * SAMPLE_RATE)
+        return wave[start : start + int(self.seconds * SAMPLE_RATE)]
 
 
 def default_files() -> list[Path]:

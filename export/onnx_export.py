@@ -27,7 +27,7 @@ from moss_edge.export.checkpoint import check_checkpoint, checkpoint_hash, load_
 from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
 from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
-from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, sha256_file
+from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, GRAPHS, sha256_file
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.prompt import TextTokenizer, TokenIds, read_token_ids
 
@@ -255,7 +255,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
             "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"moss-audio-edge {__version__}",
             "source": {"checkpoint": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)},
             "config": cfg.to_hf_dict(), "model": model_sizes(cfg),
-            "graphs": {g: graph_entry(tmp, g, "fp32") for g in ("encoder", "adapter", "decoder")},
+            "graphs": {g: graph_entry(tmp, g, "fp32") for g in GRAPHS},
             "token_ids": vars(ids), "tokenizer_files": tokenizer_files, "backends": backends_for_opset(opset),
             "unfinished": "export: parity not checked yet",
         }

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from moss_edge import bundled_audio
+from moss_edge.runtime.audio import SAMPLE_RATE
 
 
 @dataclass
@@ -30,7 +31,7 @@ def bench_audio(seconds: float) -> np.ndarray:
     from moss_edge.runtime.audio import load_audio
 
     wave = load_audio(bundled_audio())
-    return np.tile(wave, int(np.ceil(seconds * 16000 / len(wave))))[: int(seconds * 16000)]
+    return np.tile(wave, int(np.ceil(seconds * SAMPLE_RATE / len(wave))))[: int(seconds * SAMPLE_RATE)]
 
 
 def bench_prompt(ids, settings: BenchSettings) -> list[int]:

@@ -15,6 +15,7 @@ import numpy as np
 import soundfile as sf
 
 from moss_edge import bundled_audio
+from moss_edge.runtime.audio import SAMPLE_RATE
 
 TRAINED = Path(str(resources.files("moss_edge"))) / "data" / "tiny-moss"
 
@@ -72,12 +73,12 @@ def run_demo(workdir: str | None = None, audio: str | None = None, max_new_token
         calibration.mkdir(exist_ok=True)
         rng = np.random.default_rng(99)
         for i in range(8):
-            sf.write(calibration / f"clip{i}.wav", make_example(rng).wave, 16000)
+            sf.write(calibration / f"clip{i}.wav", make_example(rng).wave, SAMPLE_RATE)
         question = "List the events in order with their start times."
         if audio is None:
             example = make_example(np.random.default_rng(9), "list")  # four events; chosen as one it lists right
             audio = str(work / "demo-clip.wav")
-            sf.write(audio, example.wave, 16000)
+            sf.write(audio, example.wave, SAMPLE_RATE)
     block = 64 if trained else 32  # the tiny widths need small blocks; real models use 128
     _step(f"3/5 quantizing: encoder dynamic INT8, decoder INT4 (activation-aware, blocks of {block})")
     if not quantized.exists():

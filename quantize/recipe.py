@@ -4,9 +4,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from moss_edge.runtime.artifact import GRAPHS
 from moss_edge.runtime.errors import MossEdgeError
 
-GRAPHS = ("encoder", "adapter", "decoder")
 PRECISIONS = ("fp32", "int8", "int8-dynamic", "int4", "w8a8")
 METHODS = ("rtn", "clip", "awq")
 TABLE_PRECISIONS = ("fp32", "int8", "int4")

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-SR = 16000
+from moss_edge.runtime.audio import SAMPLE_RATE
+
+SR = SAMPLE_RATE
 CLASSES = ("low tone", "mid tone", "high tone", "rising sweep", "falling sweep", "noise burst", "click train", "chord")
 TASKS = ("list", "when", "count", "at")
 MAX_EVENTS = 4
