@@ -16,6 +16,7 @@ import onnx
 from moss_edge.runtime.artifact import sha256_file
 from moss_edge.runtime.errors import MossEdgeError
 
+
 def _io(values) -> list[dict]:
     names = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64"}
     return [{"name": v.name, "dtype": names.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),

@@ -10,12 +10,12 @@ import onnx
 
 from moss_edge.calibration.activations import activation_ranges, decoder_input_stats
 from moss_edge.calibration.dataset import build_samples, find_audio
+from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
 from moss_edge.quantize.dynamic_int8 import quantize_dynamic_int8
 from moss_edge.quantize.graph import WeightRule, quantize_weights, weight_sensitivity
 from moss_edge.quantize.kernels import cpu_kernels
 from moss_edge.quantize.plan import higher_precision_weights, weight_plan
 from moss_edge.quantize.recipe import Recipe
-from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
 from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.errors import MossEdgeError
 
@@ -63,8 +63,6 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
                 ranges[name] = activation_ranges(src.root, name, list(plan), samples, graph.activations)
     with staged_dir(out) as tmp:
         manifest = json.loads(json.dumps(src.manifest))
-        manifest.pop("parity_report", None)
-        manifest.pop("parity", None)
         layers, formats = {}, {}
         for name, graph in recipe.graphs.items():
             source = src.graph_path(name)

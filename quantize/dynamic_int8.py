@@ -22,7 +22,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moss_edge.quantize.graph import read_initializer
 
-WEIGHT_RANGE = (-64, 64)
 INT16_MAX = 32767
 FORMAT = {"activations": "uint8, per tensor, quantized at run time", "weights": "int8 in [-64, 64], per output channel",
           "why": "u8 x s8 pair sums stay within int16, so AVX2 kernels without VNNI do not saturate"}

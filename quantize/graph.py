@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from moss_edge.quantize.weights import awq_quantize, dequantize_blocked, pack_int4, quantize_blocked, search_clip
-from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.artifact import inside
 
 NP_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64,
             TensorProto.INT32: np.int32, TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8,
@@ -33,12 +33,7 @@ def read_initializer(init: TensorProto, root: Path) -> np.ndarray:
     if init.data_location != TensorProto.EXTERNAL:
         return numpy_helper.to_array(init)
     info = {e.key: e.value for e in init.external_data}
-    location = root / info.get("location", "")
-    try:
-        location.resolve().relative_to(root.resolve())
-    except ValueError:
-        raise MossEdgeError(f"initializer {init.name} of a graph in {root} points at external data outside its "
-                            f"folder ({info.get('location')!r}); an artifact only reads its own files") from None
+    location = inside(root, info.get("location", ""))
     dtype = NP_TYPES[init.data_type]
     count = int(np.prod(init.dims)) if init.dims else 1
     return np.memmap(location, dtype=dtype, mode="r", offset=int(info.get("offset", 0)),

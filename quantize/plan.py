@@ -9,7 +9,6 @@ from moss_edge.quantize.graph import WeightRule
 from moss_edge.quantize.recipe import GraphRecipe
 
 BITS = {"int4": 4, "int8": 8, "w8a8": 8}
-WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
 
 

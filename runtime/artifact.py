@@ -19,6 +19,17 @@ FORMAT_VERSION = 2  # 2: tokenizer files hashed, unfinished (staging) manifests 
 GRAPHS = ("encoder", "adapter", "decoder")
 
 
+def inside(root: Path, name: str) -> Path:
+    """root/name, or an error when it resolves outside root: an artifact only reads its own files."""
+    path = root / str(name)
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise MossEdgeError(f"{name!r} is outside the artifact: it resolves outside its folder {root}, and an "
+                            "artifact only reads its own files") from None
+    return path
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -67,22 +78,15 @@ class Artifact:
         return artifact
 
     def file(self, name: str) -> Path:
-        """A file the manifest names, refused unless it is a plain file inside the artifact."""
-        path = self.root / str(name)
-        try:
-            path.resolve().relative_to(self.root.resolve())
-        except ValueError:
-            raise MossEdgeError(f"{self.root}/manifest.json names {name!r}, which is outside the artifact; "
-                                "an artifact only reads its own files") from None
-        return path
+        """A file the manifest names, refused unless it is inside the artifact."""
+        return inside(self.root, name)
 
     def check_files(self, check_hashes: bool) -> None:
-        named = [(file, digest, f"{name} graph") for name, graph in self.manifest["graphs"].items()
-                 for file, digest in dict(graph.get("files", {})).items()]
-        named += [(file, digest, "tokenizer") for file, digest in self.tokenizer_files.items()]
+        named = [(file, digest, "tokenizer") for file, digest in self.tokenizer_files.items()]
         for name, graph in self.manifest["graphs"].items():
             if graph.get("file") not in graph.get("files", {}):
                 raise MossEdgeError(f"{self.root}/manifest.json: the {name} graph's file is not among its hashed files")
+            named += [(file, digest, f"{name} graph") for file, digest in graph["files"].items()]
         for file, digest, what in named:
             path = self.file(file)
             if not path.is_file():

@@ -13,7 +13,7 @@ import numpy as np
 import soundfile as sf
 
 from moss_edge.runtime.artifact import Artifact
-from moss_edge.runtime.audio import (SAMPLE_RATE, chunk_mels, clip_token_count, load_audio, log_mel,
+from moss_edge.runtime.audio import (N_MELS, SAMPLE_RATE, chunk_mels, clip_token_count, load_audio, log_mel,
                                      prepare_waveform)
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens, place_audio, stream_text
@@ -71,7 +71,7 @@ def check_graph_io(artifact: Artifact, name: str, session) -> None:
     """The loaded graph has the inputs its role needs, with the manifest's sizes: a graph swapped
     for another one, or a manifest edited to other sizes, fails here with a message."""
     m = artifact.model
-    wanted = {"encoder": {"mel": {1: 128}, "frames": {}},
+    wanted = {"encoder": {"mel": {1: N_MELS}, "frames": {}},
               "adapter": {"audio_tokens": {1: m["audio_dim"]}, "taps": {0: m["num_taps"], 2: m["audio_dim"]}},
               "decoder": {"input_ids": {}, "position_ids": {}, "audio_embeds": {2: m["hidden_size"]},
                           "deepstack_embeds": {0: m["num_deepstack"], 3: m["hidden_size"]},
