@@ -16,7 +16,9 @@ import onnxruntime as ort
 from moss_edge import __version__
 from moss_edge.calibration.dataset import CalibrationSample
 from moss_edge.runtime.pipeline import Pipeline
-from moss_edge.runtime.session import available_cores
+from moss_edge.runtime.generation import place_audio
+from moss_edge.runtime.graphs import decoder_feeds, empty_cache
+from moss_edge.runtime.session import PROVIDERS, available_cores
 
 
 def progress(items: list, label: str):
@@ -44,10 +46,10 @@ def matmul_inputs(decoder: onnx.ModelProto, weights: Iterable[str]) -> list[str]
     return names
 
 
-def tap_session(artifact: Path, graph: str, weights: Iterable[str]) -> tuple[list[str], ort.InferenceSession]:
-    """A session of the artifact's fp32 graph that also returns the inputs of the MatMuls of
-    `weights`; loaded from memory, its external data read from the artifact's folder."""
-    model = onnx.load(str(artifact / f"{graph}.onnx"), load_external_data=False)
+def tap_session(artifact: Path, graph: onnx.ModelProto, weights: Iterable[str]) -> tuple[list[str], ort.InferenceSession]:
+    """A session of one of the artifact's fp32 graphs (parsed without its weights) that also
+    returns the inputs of the MatMuls of `weights`; its external data read from the artifact's folder."""
+    model = onnx.ModelProto.FromString(graph.SerializeToString())
     names = matmul_inputs(model, weights)
     for name in names:
         model.graph.output.append(onnx.ValueInfoProto(name=name))
@@ -55,22 +57,22 @@ def tap_session(artifact: Path, graph: str, weights: Iterable[str]) -> tuple[lis
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(artifact))
     opts.intra_op_num_threads = available_cores()
     opts.log_severity_level = 3
-    return names, ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return names, ort.InferenceSession(model.SerializeToString(), opts, providers=PROVIDERS["cpu"])
 
 
-def activation_ranges(artifact: Path, graph: str, weights: list[str], samples: list[CalibrationSample],
+def activation_ranges(artifact: Path, model: onnx.ModelProto, graph: str, weights: list[str], samples: list[CalibrationSample],
                       method: str = "percentile") -> dict[str, float]:
     """Per MatMul input of the encoder or adapter: the largest |x| ("minmax") or the largest
     per-sample 99.99th percentile of |x| ("percentile", robust to rare spikes)."""
     from moss_edge.runtime.audio import chunk_mels, log_mel
 
     pipe = Pipeline.load(artifact, check_hashes=False, with_decoder=False)
-    names, session = tap_session(artifact, graph, weights)
+    names, session = tap_session(artifact, model, weights)
     ranges: dict[str, float] = {}
     for sample in progress(samples, f"calibrating {graph}"):
         wave = sample.waveform()
         if graph == "encoder":
-            batch = chunk_mels([log_mel(wave)], pipe.model["chunk_frames"])
+            batch = chunk_mels([log_mel(wave)], pipe.dims.chunk_frames)
             feeds = {"mel": batch.mel, "frames": batch.frames}
         else:
             features = pipe.encode([wave])
@@ -82,21 +84,23 @@ def activation_ranges(artifact: Path, graph: str, weights: list[str], samples: l
     return ranges
 
 
-def decoder_input_stats(artifact: Path, weights: list[str], samples: list[CalibrationSample],
+def decoder_input_stats(artifact: Path, decoder: onnx.ModelProto, weights: list[str], samples: list[CalibrationSample],
                         cache_dir: Path | None = None) -> dict[str, dict[str, np.ndarray]]:
     """{matmul input name: {"sq": E[x^2], "abs": E[|x|]}} from the artifact's fp32 decoder."""
     cache = cache_dir / f"decoder-stats-{cache_key(artifact, weights, samples)}.npz" if cache_dir else None
     if cache and cache.is_file():
         return _unpack(np.load(cache))
     pipe = Pipeline.load(artifact, check_hashes=False, with_decoder=False)
-    names, session = tap_session(artifact, "decoder", weights)
+    names, session = tap_session(artifact, decoder, weights)
     sums = {n: [0.0, 0.0] for n in names}
     count = 0
     for sample in progress(samples, "calibrating decoder"):
         features = pipe.encode([sample.waveform()])
         prompt = sample.prompt if pipe.tokenizer else [pipe.ids.audio_start, pipe.ids.audio_end]
         ids = pipe.prompt_ids(prompt, features.clip_tokens)
-        feeds = prefill_feeds(pipe, ids, features)
+        feeds = decoder_feeds(pipe.dims, np.array([ids], np.int64), 0, place_audio(ids, pipe.ids.audio_token, features.embeds)[None],
+                              place_audio(ids, pipe.ids.audio_token, features.deepstack)[:, None],
+                              [empty_cache(pipe.dims)] * (2 * pipe.dims.num_hidden_layers))
         outputs = session.run(names, feeds)
         for name, x in zip(names, outputs):
             x = x.reshape(-1, x.shape[-1]).astype(np.float64)
@@ -115,18 +119,3 @@ def decoder_input_stats(artifact: Path, weights: list[str], samples: list[Calibr
 
 def _unpack(data) -> dict[str, dict[str, np.ndarray]]:
     return {str(n): {"sq": data[f"{i}.sq"], "abs": data[f"{i}.abs"]} for i, n in enumerate(data["names"])}
-
-
-def prefill_feeds(pipe: Pipeline, ids: list[int], features) -> dict[str, np.ndarray]:
-    """The decoder inputs of a prefill, as the runtime builds them."""
-    from moss_edge.runtime.generation import place_audio
-
-    m = pipe.model
-    feeds = {"input_ids": np.array([ids], np.int64), "position_ids": np.arange(len(ids), dtype=np.int64)[None],
-             "audio_embeds": place_audio(ids, pipe.ids.audio_token, features.embeds)[None],
-             "deepstack_embeds": place_audio(ids, pipe.ids.audio_token, features.deepstack)[:, None]}
-    empty = np.zeros((1, m["num_key_value_heads"], 0, m["head_dim"]), np.float32)
-    for i in range(m["num_hidden_layers"]):
-        feeds[f"past_key_{i}"] = empty
-        feeds[f"past_value_{i}"] = empty
-    return feeds

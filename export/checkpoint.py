@@ -18,6 +18,7 @@ from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
 from moss_edge.runtime.artifact import sha256_file
 from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.prompt import SPECIAL_TOKENS, TokenIds, read_json_object
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -116,3 +117,39 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype | None = None) -> 
                 setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
     model.compute_buffers()
     return model.eval()
+
+
+AUDIO_TOKENS = {role: SPECIAL_TOKENS[role] for role in ("audio_token", "audio_start", "audio_end")}
+
+
+def _added_tokens(root: Path) -> dict[str, int]:
+    """Special-token text -> id from tokenizer.json / tokenizer_config.json, if present."""
+    out = {t["content"]: int(t["id"]) for t in read_json_object(root / "tokenizer.json").get("added_tokens", [])
+           if isinstance(t, dict) and "content" in t and "id" in t}
+    for i, t in read_json_object(root / "tokenizer_config.json").get("added_tokens_decoder", {}).items():
+        if isinstance(t, dict) and "content" in t:
+            out.setdefault(t["content"], int(i))
+    return out
+
+
+def read_token_ids(checkpoint_dir: str | Path) -> TokenIds:
+    """Ids from whatever the checkpoint holds, in this order: processor_config.json, config.json
+    (`audio_token_id`, ...), the tokenizer's added tokens (<|AUDIO|>, ...), generation_config.json
+    for the stop ids; upstream's defaults for what none of them names."""
+    root = Path(checkpoint_dir)
+    ids = TokenIds()
+    proc, config, added = read_json_object(root / "processor_config.json"), read_json_object(root / "config.json"), _added_tokens(root)
+    for name, text in AUDIO_TOKENS.items():
+        key = f"{name}_id"
+        value = proc.get(key, config.get(key, added.get(text, getattr(ids, name))))
+        setattr(ids, name, int(value))
+    ids.time_markers = bool(proc.get("enable_time_marker", ids.time_markers))
+    if "digit_token_ids" in proc:
+        ids.digits = [int(proc["digit_token_ids"][str(d)]) for d in range(10)]
+    gen = read_json_object(root / "generation_config.json")
+    if "eos_token_id" in gen:
+        # Qwen's bos is <|endoftext|>, which also ends a generation.
+        stop = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+        stop += [gen["bos_token_id"]] if "bos_token_id" in gen else []
+        ids.stop = list(dict.fromkeys(int(t) for t in stop))
+    return ids

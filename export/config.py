@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.graphs import Dims
 
 
 @dataclass
@@ -163,3 +164,13 @@ def load_config(checkpoint_dir: str | Path) -> MossAudioConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MossEdgeError(f"{config_file} is not valid JSON: {err}") from None
     return parse_config(raw)
+
+
+def dims_of(cfg) -> Dims:
+    """The graph contract's sizes of a checkpoint config (the manifest's "model" entry)."""
+    lang, a = cfg.language, cfg.audio
+    return Dims(hidden_size=lang.hidden_size, num_hidden_layers=lang.num_hidden_layers,
+                num_key_value_heads=lang.num_key_value_heads, head_dim=lang.head_dim, vocab_size=lang.vocab_size,
+                num_deepstack=cfg.num_deepstack, num_taps=len(a.deepstack_encoder_layer_indexes),
+                chunk_frames=a.chunk_frames, conv_chunksize=a.conv_chunksize, audio_dim=a.output_dim,
+                max_positions=lang.max_position_embeddings)

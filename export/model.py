@@ -225,6 +225,14 @@ class MossAudio(nn.Module):
         )
         self.lm_head = nn.Linear(lang.hidden_size, lang.vocab_size, bias=False)
 
+    def encode_audio(self, mel, frames, valid_tokens):
+        """Encoder chunks -> (tokens, taps) of each chunk's valid rows in order, then the adapter:
+        (tokens, taps, embeds, deepstack). Inference and training both run audio through here."""
+        tokens, taps = self.audio_encoder(mel, frames)
+        valid = torch.arange(tokens.shape[1])[None, :] < valid_tokens[:, None]
+        tokens, taps = tokens[valid], taps[:, valid]
+        return (tokens, taps, *self.adapt(tokens, taps))
+
     def adapt(self, tokens, taps):
         """Encoder tokens and taps -> audio embeddings and the K DeepStack embeddings."""
         merged = [m(taps[k]) for k, m in enumerate(self.deepstack_audio_merger_list)]

@@ -1,11 +1,6 @@
 """Export the reference model as three ONNX graphs and write an artifact directory.
 
-encoder.onnx   mel chunks [n, mels, T], frames [n] -> audio_tokens [n, T', D], taps [n_taps, n, T', D]
-adapter.onnx   audio_tokens [n, D], taps [n_taps, n, D] -> audio_embeds [n, H], deepstack_embeds [K, n, H]
-decoder.onnx   input_ids, position_ids [b, s], audio_embeds [b, s, H], deepstack_embeds [K, b, s, H],
-               past_key_i / past_value_i [b, kv, p, hd] -> logits [b, vocab] (last position only),
-               present_key_i / present_value_i [b, kv, p + s, hd]
-One decoder graph serves prefill and decode; DeepStack and audio embeddings are inputs that are
+The graphs' inputs and outputs are the contract in runtime/graphs.py. One decoder graph serves prefill and decode; DeepStack and audio embeddings are inputs that are
 zero off the audio positions (and in decode steps), so there is no control flow in the graph.
 """
 
@@ -15,6 +10,7 @@ import logging
 import json
 import shutil
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx_ir as ir
@@ -23,13 +19,15 @@ from safetensors import safe_open
 from torch import nn
 
 from moss_edge import __version__
-from moss_edge.export.checkpoint import check_checkpoint, checkpoint_hash, load_model, tensor_files
-from moss_edge.export.config import load_config
+from moss_edge.export.checkpoint import check_checkpoint, checkpoint_hash, load_model, read_token_ids, tensor_files
+from moss_edge.export.config import dims_of, load_config
 from moss_edge.export.model import MossAudio
 from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
-from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, GRAPHS, sha256_file
+from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, sha256_file
+from moss_edge.runtime.graphs import GRAPHS, graph_spec
+from moss_edge.runtime.session import PROVIDERS
 from moss_edge.runtime.errors import MossEdgeError
-from moss_edge.runtime.prompt import TextTokenizer, TokenIds, read_token_ids
+from moss_edge.runtime.prompt import TextTokenizer, TokenIds
 
 OPSET = 21
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -155,50 +153,50 @@ def _export(module: nn.Module, args: tuple, dynamic_shapes, inputs: list[str], o
     ir.save(program.model, str(path), external_data=external)
 
 
+def dynamic_shapes(tensors, bounds: dict[str, int]) -> list[dict]:
+    """torch.export dynamic axes of each input, one Dim per axis name of the graph contract."""
+    dims = {}
+    for t in tensors:
+        for axis in t.shape:
+            if isinstance(axis, str) and axis not in dims:
+                dims[axis] = torch.export.Dim(axis, max=bounds[axis]) if axis in bounds else torch.export.Dim(axis)
+    return [{i: dims[a] for i, a in enumerate(t.shape) if isinstance(a, str)} for t in tensors]
+
+
 def export_graphs(checkpoint_dir: Path, cfg, audio_token: int, out: Path, opset: int = OPSET, log=print) -> None:
     """Trace the three graphs on a placeholder model, then stream the checkpoint's weights in:
-    memory stays at a few tensors whatever the model size."""
+    memory stays at a few tensors whatever the model size. Names and dynamic axes come from
+    the graph contract (runtime/graphs.py)."""
     model = skeleton_model(cfg)
     weights = CheckpointWeights(checkpoint_dir, model)
-    a, lang = cfg.audio, cfg.language
-    n, t = torch.export.Dim("chunks"), torch.export.Dim("frames", max=a.chunk_frames)
+    a, lang, d = cfg.audio, cfg.language, dims_of(cfg)
+    specs = {g: graph_spec(g, d) for g in GRAPHS}
+
+    def export(graph: str, module: nn.Module, args: tuple, shapes) -> None:
+        spec = specs[graph]
+        _export(module, args, shapes, [t.name for t in spec.inputs], [t.name for t in spec.outputs],
+                out / f"{graph}.onnx", opset, weights)
+
     log("  [1/3] encoder")
-    _export(EncoderGraph(model), (torch.randn(2, a.num_mel_bins, a.chunk_frames), torch.tensor([a.chunk_frames, 200])),
-            ({0: n, 2: t}, {0: n}), ["mel", "frames"], ["audio_tokens", "taps"], out / "encoder.onnx", opset, weights)
-
+    export("encoder", EncoderGraph(model),
+           (torch.randn(2, a.num_mel_bins, a.chunk_frames), torch.tensor([a.chunk_frames, 200])),
+           tuple(dynamic_shapes(specs["encoder"].inputs, {"frames": a.chunk_frames})))
     log("  [2/3] adapter")
-    tok = torch.export.Dim("tokens")
-    n_taps = len(a.deepstack_encoder_layer_indexes)
-    _export(AdapterGraph(model), (torch.randn(7, a.output_dim), torch.randn(n_taps, 7, a.output_dim)),
-            ({0: tok}, {1: tok}), ["audio_tokens", "taps"], ["audio_embeds", "deepstack_embeds"],
-            out / "adapter.onnx", opset, weights)
-
+    export("adapter", AdapterGraph(model), (torch.randn(7, a.output_dim), torch.randn(d.num_taps, 7, a.output_dim)),
+           tuple(dynamic_shapes(specs["adapter"].inputs, {})))
     log(f"  [3/3] decoder ({lang.num_hidden_layers} layers)")
-    b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    layers, h = lang.num_hidden_layers, lang.hidden_size
-    past = tuple(torch.zeros(2, lang.num_key_value_heads, 3, lang.head_dim) for _ in range(2 * layers))
+    h = lang.hidden_size
+    past = tuple(torch.zeros(2, lang.num_key_value_heads, 3, lang.head_dim) for _ in range(2 * lang.num_hidden_layers))
     args = (torch.zeros(2, 5, dtype=torch.long), torch.arange(5).repeat(2, 1), torch.zeros(2, 5, h),
             torch.zeros(cfg.num_deepstack, 2, 5, h), past)
-    shapes = ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {1: b, 2: s}, tuple({0: b, 2: p} for _ in past))
-    cache = [f"{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-    _export(DecoderGraph(model, audio_token), args, shapes,
-            ["input_ids", "position_ids", "audio_embeds", "deepstack_embeds", *[f"past_{c}" for c in cache]],
-            ["logits", *[f"present_{c}" for c in cache]], out / "decoder.onnx", opset, weights)
+    shapes = dynamic_shapes(specs["decoder"].inputs, {})
+    export("decoder", DecoderGraph(model, audio_token), args, (*shapes[:4], tuple(shapes[4:])))
 
 
 def backends_for_opset(opset: int) -> list[str]:
     """Opset 23 brings single-op Attention and RMSNormalization (faster on ORT CPU), but
     TensorRT 10.3 (JetPack 6) parses older opsets only: such an artifact is marked CPU-only."""
-    return ["cpu", "cuda", "tensorrt"] if opset <= 21 else ["cpu"]
-
-
-def model_sizes(cfg) -> dict:
-    return {"hidden_size": cfg.language.hidden_size, "num_hidden_layers": cfg.language.num_hidden_layers,
-            "num_key_value_heads": cfg.language.num_key_value_heads, "head_dim": cfg.language.head_dim,
-            "vocab_size": cfg.language.vocab_size, "num_deepstack": cfg.num_deepstack,
-            "num_taps": len(cfg.audio.deepstack_encoder_layer_indexes), "chunk_frames": cfg.audio.chunk_frames,
-            "conv_chunksize": cfg.audio.conv_chunksize, "audio_dim": cfg.audio.output_dim,
-            "max_positions": cfg.language.max_position_embeddings}
+    return list(PROVIDERS) if opset <= 21 else ["cpu"]
 
 
 def available_memory() -> int:
@@ -231,7 +229,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
     """Checkpoint -> fp32 artifact, with the parity report against the PyTorch model inside.
 
     token_ids overrides what the checkpoint's processor/generation configs say."""
-    from moss_edge.export.verify import verify_artifact
+    from moss_edge.export.verify import Verifier
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if opset not in (21, 23):
@@ -254,7 +252,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"moss-audio-edge {__version__}",
             "source": {"checkpoint": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)},
-            "config": cfg.to_hf_dict(), "model": model_sizes(cfg),
+            "config": cfg.to_hf_dict(), "model": asdict(dims_of(cfg)),
             "graphs": {g: graph_entry(tmp, g, "fp32") for g in GRAPHS},
             "token_ids": vars(ids), "tokenizer_files": tokenizer_files, "backends": backends_for_opset(opset),
             "unfinished": "export: parity not checked yet",
@@ -271,7 +269,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
             log(f"parity check skipped: {manifest['parity']['skipped']}")
         else:
             log("checking parity against the PyTorch model")
-            report = verify_artifact(tmp, load_model(checkpoint_dir, torch.float32), ids, steps=verify_steps)
+            report = Verifier(load_model(checkpoint_dir, torch.float32), steps=verify_steps)(tmp)
             manifest["parity"] = report["summary"]
             (tmp / "parity.json").write_text(json.dumps(report, indent=2))
             manifest["parity_report"] = "parity.json"

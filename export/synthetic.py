@@ -5,24 +5,24 @@ tensor has its own seed, so the values do not depend on sharding. A byte-level t
 with the chat and audio special tokens is written beside them.
 """
 
-import json
+import math
 import zlib
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from moss_edge.export.checkpoint import DTYPES
 from moss_edge.export.config import AudioConfig, LanguageConfig, MossAudioConfig
 from moss_edge.export.model import MossAudio
-from moss_edge.export.writer import staged_dir
+from moss_edge.export.writer import write_checkpoint
+from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.prompt import SPECIAL_TOKENS, TokenIds
 
 # Upstream's special-token ids; a small vocabulary moves them just below its end.
-QWEN_SPECIALS = {
-    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|AUDIO|>": 151654,
-    "<think>": 151667, "</think>": 151668, "<|audio_bos|>": 151669, "<|audio_eos|>": 151670,
-}
+QWEN_SPECIALS = {SPECIAL_TOKENS[role]: i for role, i in (
+    ("end_of_text", 151643), ("turn_start", 151644), ("turn_end", 151645), ("audio_token", 151654),
+    ("think", 151667), ("end_think", 151668), ("audio_start", 151669), ("audio_end", 151670))}
 
 
 def preset(name: str, encoder_layers: int | None = None, decoder_layers: int | None = None) -> MossAudioConfig:
@@ -44,7 +44,7 @@ def preset(name: str, encoder_layers: int | None = None, decoder_layers: int | N
                                     intermediate_size=12288 if wide else 9728),
             adapter_hidden_size=8192, deepstack_num_inject_layers=3)
     else:
-        raise ValueError(f"unknown preset {name!r}; choose tiny, 4b or 8b")
+        raise MossEdgeError(f"unknown preset {name!r}; choose tiny, 4b or 8b")
     if encoder_layers is not None:
         taps = [i for i in cfg.audio.deepstack_encoder_layer_indexes if i < encoder_layers] or [encoder_layers - 1]
         cfg.audio = replace(cfg.audio, encoder_layers=encoder_layers, deepstack_encoder_layer_indexes=taps)
@@ -110,36 +110,21 @@ def write_tokenizer(out_dir: Path, vocab_size: int) -> dict[str, int]:
 def write_synthetic_checkpoint(out_dir: str | Path, cfg: MossAudioConfig, dtype: str = "bf16",
                                seed: int = 0, shard_mb: int = 2000) -> Path:
     """Write config, weights (sharded above shard_mb), tokenizer and processor files; atomic."""
-    out = Path(out_dir)
-    with staged_dir(out) as tmp:
-        with torch.device("meta"):
-            shapes = {n: tuple(p.shape) for n, p in MossAudio(cfg).named_parameters()}
-        shards, current, size = [], {}, 0
-        for name, shape in shapes.items():
-            current[name] = _init(name, shape, seed).to(DTYPES[dtype])
-            size += current[name].numel() * current[name].element_size()
-            if size >= shard_mb * 2**20:
-                shards.append(current)
-                current, size = {}, 0
-        if current:
-            shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / file), metadata={"format": "pt"})
-                weight_map.update({name: file for name in shard})
-                shard.clear()
-            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-        config = cfg.to_hf_dict()
-        config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        specials = write_tokenizer(tmp, cfg.language.vocab_size)
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": specials["<|endoftext|>"], "eos_token_id": [specials["<|im_end|>"], specials["<|endoftext|>"]]}, indent=2))
-        (tmp / "processor_config.json").write_text(json.dumps({
-            "audio_token_id": specials["<|AUDIO|>"], "audio_start_id": specials["<|audio_bos|>"],
-            "audio_end_id": specials["<|audio_eos|>"], "enable_time_marker": True}, indent=2))
-    return out
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in MossAudio(cfg).named_parameters()}
+    shards, size = [[]], 0
+    for name, shape in shapes.items():
+        if size >= shard_mb * 2**20:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += math.prod(shape) * DTYPES[dtype].itemsize
+    config = cfg.to_hf_dict()
+    config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    specials = special_token_ids(cfg.language.vocab_size)
+    role = {text: role for role, text in SPECIAL_TOKENS.items()}
+    by_role = {role[text]: i for text, i in specials.items()}
+    ids = TokenIds(audio_token=by_role["audio_token"], audio_start=by_role["audio_start"], audio_end=by_role["audio_end"],
+                   stop=[by_role["turn_end"], by_role["end_of_text"]])
+    return write_checkpoint(Path(out_dir), config, shards, lambda name: _init(name, shapes[name], seed).to(DTYPES[dtype]),
+                            ids, lambda folder: write_tokenizer(folder, cfg.language.vocab_size))

@@ -10,11 +10,11 @@ from moss_edge import bundled_audio
 from moss_edge.export.checkpoint import checkpoint_hash, load_model
 from moss_edge.export.model import MossAudio
 from moss_edge.export.reference import ReferencePipeline
-from moss_edge.runtime.audio import load_audio, log_mel
+from moss_edge.runtime.audio import load_audio
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens
+from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.pipeline import Pipeline
-from moss_edge.runtime.prompt import TokenIds
 from moss_edge.runtime.sampling import SamplingOptions
 
 # Per precision: worst graph-output cosine, relative error (fp32 only), mean / max KL of the
@@ -56,6 +56,40 @@ def check_reference(artifact_dir: str | Path, reference: str | Path) -> None:
                             "verify against that checkpoint")
 
 
+class Verifier:
+    """The parity check, set up once and used by every caller (the CLI's verify, export and
+    quantize, the demo, Python code): verifier(artifact_dir) returns the report.
+
+    reference: the checkpoint folder (None: the one the artifact was exported from) or a loaded
+    fp32 MossAudio; audio: clips to check on (default: the bundled clip that calibration never
+    uses); evaluate: an optional task report (see verify_artifact). The reference is loaded once
+    and kept, so keep-until-pass rounds do not read and hash the checkpoint again."""
+
+    def __init__(self, reference: MossAudio | str | Path | None = None, audio: list[str] | None = None,
+                 steps: int = 32, provider: str = "cpu", evaluate: Callable | None = None):
+        self.reference, self.audio, self.steps, self.provider, self.evaluate = reference, audio, steps, provider, evaluate
+        self._model: MossAudio | None = reference if isinstance(reference, MossAudio) else None
+        self._source: str | None = None  # sha256 of the checkpoint _model was loaded from
+
+    def check(self, artifact_dir: str | Path) -> None:
+        """Refuse a wrong or missing reference now, before any quantization work; loads it once."""
+        from moss_edge.runtime.artifact import Artifact
+
+        source = Artifact.load(artifact_dir, check_hashes=False, unfinished_ok=True).manifest["source"]
+        if self._model is None:
+            checkpoint = self.reference or source["checkpoint"]
+            check_reference(artifact_dir, checkpoint)
+            self._model, self._source = load_model(checkpoint, torch.float32), source["sha256"]
+        elif self._source is not None and source["sha256"] != self._source:
+            raise MossEdgeError(f"{artifact_dir} was exported from another checkpoint than the one this verifier "
+                                "loaded; use one Verifier per source checkpoint")
+
+    def __call__(self, artifact_dir: str | Path) -> dict:
+        self.check(artifact_dir)
+        return verify_artifact(artifact_dir, self._model, audio=self.audio, steps=self.steps, provider=self.provider,
+                               evaluate=self.evaluate)
+
+
 def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
     def log_softmax(z):
         z = np.asarray(z, np.float64) - np.max(z)
@@ -64,21 +98,20 @@ def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
     return float(np.sum(np.exp(lp) * (lp - lq)))
 
 
-def _reference_steps(ref: ReferencePipeline, prompt: list[int], audio, steps: int):
+def _reference_steps(ref: ReferencePipeline, prompt: list[int], audio: AudioFeatures, steps: int):
     """Greedy tokens of the reference (no stop ids) and its logits before each of them."""
-    logits, past = ref.forward(prompt, audio)
+    logits = ref.prefill(prompt, audio)
     tokens, all_logits = [], [logits]
     for i in range(steps):
         tokens.append(int(np.argmax(logits)))
         if i + 1 < steps:
-            logits, past = ref.forward([tokens[-1]], None, past)
-            all_logits.append(logits)
+            all_logits.append(logits := ref.step(tokens[-1]))
     return tokens, all_logits
 
 
-def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path, ids: TokenIds | None = None,
-                    audio: list[str] | None = None, prompt: str | list[int] | None = None, steps: int = 16,
-                    provider: str = "cpu", evaluate: Callable[[Pipeline, MossAudio], dict | None] | None = None) -> dict:
+def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path, audio: list[str] | None = None,
+                    prompt: str | list[int] | None = None, steps: int = 16, provider: str = "cpu",
+                    evaluate: Callable[[Pipeline, MossAudio], dict | None] | None = None) -> dict:
     """Compare an artifact with the fp32 PyTorch model; returns the report (see `summary`).
     evaluate(pipe, reference) may add a task report (reported, not gated), e.g. the sound-event
     model's accuracy (`moss_edge.sound_events.evaluate.task_report`)."""
@@ -86,15 +119,13 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
         check_reference(artifact_dir, reference)
         reference = load_model(reference, torch.float32)
     pipe = Pipeline.load(artifact_dir, provider, unfinished_ok=True)  # export/quantize verify before finishing
-    ids = ids or pipe.ids  # the artifact records the ids it was exported with
-    pipe.ids = ids
-    ref = ReferencePipeline(reference, ids)
+    ref = ReferencePipeline(reference, pipe.ids)  # the ids the artifact was exported with
     audio = audio or [bundled_audio()]
-    mels = [log_mel(load_audio(a)) for a in audio]
+    waveforms = [load_audio(a) for a in audio]
     if prompt is None:
-        prompt = "Describe the audio." if pipe.tokenizer else [ids.audio_start, ids.audio_end] * len(audio)
-    ref_audio = ref.encode(mels)
-    art_audio = pipe.encode(audio)
+        prompt = "Describe the audio." if pipe.tokenizer else [pipe.ids.audio_start, pipe.ids.audio_end] * len(audio)
+    ref_audio = ref.encode(waveforms)
+    art_audio = pipe.encode(waveforms)
     prompt_ids = pipe.prompt_ids(prompt, art_audio.clip_tokens)
 
     adapter_embeds, adapter_deepstack = pipe.adapter.run(None, {"audio_tokens": ref_audio.tokens, "taps": ref_audio.taps})
@@ -116,9 +147,8 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                          "top1_agree": bool(np.argmax(art_logits) == np.argmax(ref_step)),
                          "near_tie": bool(top2[1] - top2[0] < 2 * err)})
         if i + 1 < len(ref_logits):
-            art_logits = pipe.decoder.step(ref_tokens[i])
-    art_tokens = list(generate_tokens(lambda: pipe.prefill(prompt_ids, art_audio), pipe.decoder.step,
-                                      SamplingOptions(max_new_tokens=steps), stop_ids=[]))
+            art_logits = pipe.step(ref_tokens[i])
+    art_tokens = list(generate_tokens(pipe, prompt_ids, art_audio, SamplingOptions(max_new_tokens=steps), stop_ids=[]))
     classes = {"int8-dynamic": "int8", "w8a8": "int8"}
     precision = max((classes.get(g["precision"], g["precision"]) for g in pipe.artifact.manifest["graphs"].values()),
                     key=ORDER.index)

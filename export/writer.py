@@ -15,6 +15,7 @@ import onnx
 
 from moss_edge.runtime.artifact import sha256_file
 from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.prompt import TokenIds
 
 
 def _io(values) -> list[dict]:
@@ -23,10 +24,11 @@ def _io(values) -> list[dict]:
              "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
 
 
-def graph_entry(root: Path, name: str, precision: str) -> dict:
-    """Manifest entry of root/name.onnx: its files with sha256 (external data too), opset, IO."""
+def graph_entry(root: Path, name: str, precision: str, proto: onnx.ModelProto | None = None) -> dict:
+    """Manifest entry of root/name.onnx (proto: that graph already parsed, without its weights):
+    its files with sha256 (external data too), opset, IO."""
     path = root / f"{name}.onnx"
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = proto or onnx.load(str(path), load_external_data=False)
     files = [path.name]
     for init in proto.graph.initializer:
         for entry in init.external_data:
@@ -62,7 +64,7 @@ def check_output(out: Path) -> None:
     """Refuse an output that exists or cannot be written, before any work is done."""
     out = Path(out)
     if out.exists():
-        raise FileExistsError(f"{out} already exists")
+        raise MossEdgeError(f"{out} already exists; choose another output path or remove it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()
@@ -82,11 +84,38 @@ def staged_dir(out: Path):
     try:
         yield tmp
         if out.exists():
-            raise FileExistsError(f"{out} already exists")
+            raise MossEdgeError(f"{out} appeared while this run was writing it; this run's result was removed")
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_checkpoint(out: Path, config: dict, shards: list[list[str]], tensor, ids: TokenIds,
+                     write_tokenizer, extra_files: dict[str, dict] | None = None) -> Path:
+    """A Hugging Face layout checkpoint, staged: the weights (model.safetensors, or shards and
+    their index), config.json, the tokenizer (write_tokenizer(folder)), processor_config.json
+    (audio ids, time markers) and generation_config.json (stop ids). tensor(name) gives each
+    weight when its shard is written, so a shard at a time is in memory."""
+    from safetensors.torch import save_file
+
+    with staged_dir(out) as tmp:
+        weight_map = {}
+        for i, names in enumerate(shards):
+            file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({name: tensor(name) for name in names}, str(tmp / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, file))
+        if len(shards) > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_tokenizer(tmp)
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": ids.stop[-1], "eos_token_id": ids.stop}, indent=2))
+        (tmp / "processor_config.json").write_text(json.dumps(
+            {"audio_token_id": ids.audio_token, "audio_start_id": ids.audio_start, "audio_end_id": ids.audio_end,
+             "enable_time_marker": ids.time_markers}, indent=2))
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
+    return out
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

@@ -67,47 +67,31 @@ def _measure(encode, prefill, step, n_chunks: int, settings: BenchSettings) -> d
 
 
 def worker(backend: str, path: str, settings: BenchSettings) -> dict:
-    """Run in a child process: time one backend on the bench audio and prompt."""
+    """Run in a child process: time one backend (torch-bf16, torch-fp32 or an ONNX Runtime
+    artifact) on the bench audio and prompt, through the Inference interface."""
     from moss_edge.runtime.audio import chunk_mels, log_mel
     from moss_edge.runtime.prompt import expand_audio_spans
 
     wave = bench_audio(settings.audio_seconds)
-    mel = log_mel(wave)
     if backend.startswith("torch"):
         import torch
 
         from moss_edge.export.reference import ReferencePipeline
 
         torch.set_num_threads(settings.threads)
-        pipe = ReferencePipeline.load(path, torch.bfloat16 if backend == "torch-bf16" else torch.float32)
-        chunk_frames = pipe.model.cfg.audio.chunk_frames
-        encode = lambda: pipe.encode([mel])  # noqa: E731
-        state = {}
-
-        def prefill(features):
-            ids = expand_audio_spans(bench_prompt(pipe.ids, settings), features.clip_tokens, pipe.ids)
-            state["ids"] = ids
-            logits, state["past"] = pipe.forward(ids, features)
-            return logits
-
-        def step(token):
-            logits, state["past"] = pipe.forward([token], None, state["past"])
-            return logits
+        model = ReferencePipeline.load(path, torch.bfloat16 if backend == "torch-bf16" else torch.float32)
     else:
         from moss_edge.runtime.pipeline import Pipeline
 
-        pipe = Pipeline.load(path, threads=settings.threads)
-        chunk_frames = pipe.model["chunk_frames"]
-        encode = lambda: pipe.encode([wave])  # noqa: E731
-        state = {}
+        model = Pipeline.load(path, threads=settings.threads)
+    state = {}
 
-        def prefill(features):
-            state["ids"] = pipe.prompt_ids(bench_prompt(pipe.ids, settings), features.clip_tokens)
-            return pipe.prefill(state["ids"], features)
+    def prefill(features):
+        state["ids"] = expand_audio_spans(bench_prompt(model.ids, settings), features.clip_tokens, model.ids)
+        return model.prefill(state["ids"], features)
 
-        step = pipe.decoder.step
-    n_chunks = len(chunk_mels([mel], chunk_frames).frames)
-    result = _measure(encode, prefill, step, n_chunks, settings)
+    n_chunks = len(chunk_mels([log_mel(wave)], model.dims.chunk_frames).frames)
+    result = _measure(lambda: model.encode([wave]), prefill, model.step, n_chunks, settings)
     result["prompt_tokens"] = len(state["ids"])
     result["peak_rss_mib"] = peak_rss_mib()
     return result
@@ -175,7 +159,8 @@ def run_bench(preset: str, depths: list[int], workdir: Path, settings: BenchSett
             quantized = workdir / f"{preset}-{depth}l-{recipe}-opset{opset}"
             if not quantized.exists():
                 log(f"quantizing {artifact.name} with {recipe}")
-                quantize_artifact(artifact, quantized, load_recipe(recipe), cache_dir=workdir / "cache", log=lambda m: None)
+                quantize_artifact(artifact, quantized, load_recipe(recipe), cache_dir=workdir / "cache", verify=False,
+                                  log=lambda m: None)
             variants.append((f"ort-{recipe}", quantized))
         for backend, path in variants:
             log(f"timing {backend} at {depth} layers")

@@ -6,7 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-from moss_edge import bundled_audio
 from moss_edge.runtime.errors import MossEdgeError
 
 
@@ -26,7 +25,7 @@ def cmd_demo(args) -> None:
 
 def _token_ids(args):
     """The token ids given on the command line over what the checkpoint's files say."""
-    from moss_edge.runtime.prompt import read_token_ids
+    from moss_edge.export.checkpoint import read_token_ids
 
     ids = read_token_ids(args.checkpoint)
     for flag in ("audio_token", "audio_start", "audio_end"):
@@ -123,11 +122,10 @@ def cmd_run(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from moss_edge.export.verify import report_markdown, verify_artifact
+    from moss_edge.export.verify import Verifier, report_markdown
     from moss_edge.sound_events.evaluate import task_report
 
-    report = verify_artifact(args.artifact, args.reference, audio=args.audio, steps=args.steps, provider=args.provider,
-                             evaluate=task_report(args.task_examples))
+    report = Verifier(args.reference, args.audio, args.steps, args.provider, task_report(args.task_examples))(args.artifact)
     markdown = report_markdown(report)
     for path, text in ((args.json, json.dumps(report, indent=2)), (args.markdown, markdown)):
         if path:
@@ -195,25 +193,19 @@ def cmd_quantize(args) -> None:
     from moss_edge.quantize.plan import summarize_kept
     from moss_edge.quantize.recipe import load_recipe
     from moss_edge.export.writer import check_output
-    from moss_edge.runtime.artifact import Artifact
 
     recipe = load_recipe(args.recipe)
     check_output(Path(args.output))
-    verify = None
+    verify = False
     if not args.no_verify:
-        from moss_edge.calibration.dataset import HELD_OUT
-        from moss_edge.export.verify import check_reference, verify_artifact
+        from moss_edge.export.verify import Verifier
         from moss_edge.sound_events.evaluate import task_report
 
-        reference = Path(args.reference or Artifact.load(args.artifact, check_hashes=False).manifest["source"]["checkpoint"])
-        check_reference(args.artifact, reference)  # before the work, not after it
-        audio = args.verify_audio or [bundled_audio(HELD_OUT)]
-        verify = lambda tmp: verify_artifact(tmp, reference, audio=audio, steps=args.steps,  # noqa: E731
-                                             evaluate=task_report(args.task_examples))
+        verify = Verifier(args.reference, args.verify_audio, args.steps, evaluate=task_report(args.task_examples))
     cache = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "moss-edge"
-    out = quantize_artifact(args.artifact, args.output, recipe, calibration=args.calibration, cache_dir=cache,
-                            verify=verify, keep_until_pass=args.keep_until_pass, log=lambda m: print(m, file=sys.stderr))
-    manifest = json.loads((out / "manifest.json").read_text())
+    result = quantize_artifact(args.artifact, args.output, recipe, calibration=args.calibration, cache_dir=cache,
+                               verify=verify, keep_until_pass=args.keep_until_pass, log=lambda m: print(m, file=sys.stderr))
+    manifest = result.manifest
     for line in summarize_kept(manifest["quantization"]["higher_precision"]):
         print(f"kept: {line}")
     if "parity" in manifest:
@@ -221,25 +213,27 @@ def cmd_quantize(args) -> None:
     print(f"runs on: {', '.join(manifest['backends'])}")
     advice = ("try --keep-until-pass (keeps the most error-sensitive decoder weights one step more precise), or a "
               "recipe that keeps more precision (--recipe int8, or a recipe file with \"keep\": [...])")
-    _finish(out, manifest.get("parity", {}), advice)
+    _finish(result.path, manifest.get("parity", {}), advice)
 
 
 def cmd_train_tiny(args) -> None:
+    from moss_edge.export.writer import check_output
     from moss_edge.sound_events.train import train_tiny
 
-    if Path(args.output).exists():
-        raise FileExistsError(f"{args.output} already exists")
+    check_output(Path(args.output))
     out = train_tiny(args.output, minutes=args.minutes, max_steps=args.steps, batch=args.batch, seed=args.seed,
                      lr=args.lr, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {out}: {json.loads((out / 'training.json').read_text())}")
 
 
 def cmd_eval(args) -> None:
-    from moss_edge.sound_events.evaluate import answerer, evaluate
+    from moss_edge.sound_events.evaluate import answerer, evaluate, load_model
 
     if not Path(args.path).exists():
         raise MossEdgeError(f"{args.path} not found: give a checkpoint folder or an artifact folder")
-    result = evaluate(answerer(args.path, args.no_deepstack, args.no_markers), n=args.n, seed=args.seed)
+    model, tok = load_model(args.path)
+    result = evaluate(answerer(model, tok, deepstack=not args.no_deepstack, time_markers=not args.no_markers),
+                      n=args.n, seed=args.seed)
     result.update(path=str(args.path), no_deepstack=args.no_deepstack, no_markers=args.no_markers)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -253,6 +247,8 @@ def cmd_eval(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moss_edge.runtime.session import PROVIDERS
+
     parser = argparse.ArgumentParser(prog="moss-edge", description="Export, quantize and run MOSS-Audio on edge devices.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -320,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--show-thinking", action="store_true", help="print a Thinking model's reasoning too")
-    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
     p.add_argument("--threads", type=int, help="intra-op threads (default: the cores available)")
     p.add_argument("--json", action="store_true", help="print text, tokens and timings as JSON")
     p.set_defaults(func=cmd_run)
@@ -331,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="the checkpoint the artifact came from")
     p.add_argument("--audio", action="append", help="audio file(s) to check on (default: a bundled recording)")
     p.add_argument("--steps", type=int, default=32, help="decode steps compared")
-    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
     p.add_argument("--task-examples", type=int, default=100,
                    help="held-out sound-event examples for task accuracy, when the artifact comes from `moss-edge train-tiny`'s model (0: off)")
     p.add_argument("--json", help="write the full report as JSON here")
@@ -388,9 +384,6 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except MossEdgeError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except FileExistsError as err:
-        print(f"error: {err}; choose another output path or remove it", file=sys.stderr)
         return 2
     except PermissionError as err:
         print(f"error: no permission to {'write' if err.filename else 'use'} {err.filename or err}; "

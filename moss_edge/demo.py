@@ -38,7 +38,7 @@ def run_demo(workdir: str | None = None, audio: str | None = None, max_new_token
     from moss_edge.export.synthetic import preset, write_synthetic_checkpoint
     from moss_edge.sound_events.evaluate import task_report
     from moss_edge.sound_events.task import make_example, normalise
-    from moss_edge.export.verify import report_markdown, verify_artifact
+    from moss_edge.export.verify import Verifier, report_markdown
     from moss_edge.quantize.artifact import quantize_artifact
     from moss_edge.quantize.recipe import GraphRecipe, Recipe
     from moss_edge.runtime.pipeline import Pipeline
@@ -79,14 +79,15 @@ def run_demo(workdir: str | None = None, audio: str | None = None, max_new_token
             example = make_example(np.random.default_rng(9), "list")  # four events; chosen as one it lists right
             audio = str(work / "demo-clip.wav")
             sf.write(audio, example.wave, SAMPLE_RATE)
+    audio = audio or bundled_audio()
     block = 64 if trained else 32  # the tiny widths need small blocks; real models use 128
-    _step(f"3/5 quantizing: encoder dynamic INT8, decoder INT4 (activation-aware, blocks of {block})")
+    _step(f"3/5 quantizing: encoder dynamic INT8, decoder INT4 (activation-aware, blocks of {block}), verifying")
     if not quantized.exists():
         recipe = Recipe("demo-int4", {"encoder": GraphRecipe("int8-dynamic"), "adapter": GraphRecipe("fp32"),
                                       "decoder": GraphRecipe("int4", method="awq", block=block)})
+        verifier = Verifier(checkpoint, [audio], steps=16, evaluate=task_report(48 if trained else 0))
         quantize_artifact(fp32, quantized, recipe, calibration=str(calibration) if calibration else None,
-                          cache_dir=work / "cache", log=lambda m: print(f"   {m}"))
-    audio = audio or bundled_audio()
+                          cache_dir=work / "cache", verify=verifier, log=lambda m: print(f"   {m}"))
     _step(f"4/5 asking the INT4 artifact about {Path(audio).name}: {question!r}")
     if trained and Path(audio).name == "demo-clip.wav":
         print("   the clip holds: " + ", ".join(f"{e.label} at {e.start:.1f} s for {e.seconds:.1f} s" for e in example.events))
@@ -101,10 +102,8 @@ def run_demo(workdir: str | None = None, audio: str | None = None, max_new_token
         right = normalise("".join(pieces)) == normalise(example.answer)
         print(f"   the INT4 answer {'matches the clip' if right else 'differs from the clip'} "
               "(how often it gets held-out clips right is measured below)")
-    _step("5/5 parity with the PyTorch reference, and size / speed")
-    report = verify_artifact(quantized, checkpoint, audio=[audio], steps=16,
-                            evaluate=task_report(48 if trained else 0))
-    print(report_markdown(report))
+    _step("5/5 parity with the PyTorch reference (checked while quantizing), and size / speed")
+    print(report_markdown(json.loads((quantized / "parity.json").read_text())))
     print(f"{'artifact':<10} {'MiB':>8} {'encode ms':>10} {'prefill ms':>11} {'decode ms/token':>16}")
     for name, path in (("fp32", fp32), ("int4", quantized)):
         run = Pipeline.load(path)

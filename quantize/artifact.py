@@ -1,8 +1,14 @@
-"""Quantize an fp32 artifact into a new artifact, graph by graph, following a recipe."""
+"""Quantize an fp32 artifact into a new artifact, graph by graph, following a recipe.
+
+Named steps, in order: plan (each source graph parsed once; what is quantized, and why every
+other weight is not), calibrate, write the graphs, record (the manifest), verify. With
+keep_until_pass, the last four repeat with the most error-sensitive decoder weights one step
+more precise until the parity check passes.
+"""
 
 import json
 import shutil
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +20,84 @@ from moss_edge.export.writer import check_output, graph_entry, staged_dir, write
 from moss_edge.quantize.dynamic_int8 import quantize_dynamic_int8
 from moss_edge.quantize.graph import WeightRule, quantize_weights, weight_sensitivity
 from moss_edge.quantize.kernels import cpu_kernels
-from moss_edge.quantize.plan import higher_precision_weights, weight_plan
+from moss_edge.quantize.plan import GraphPlan, higher_precision_weights, plan_graph
 from moss_edge.quantize.recipe import Recipe
 from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.errors import MossEdgeError
 
 
-def promote(plan: dict[str, WeightRule], names: list[str]) -> dict[str, WeightRule]:
-    """The plan with `names` one step up: INT4 -> INT8, INT8 -> fp32 (dropped from the plan)."""
-    out = dict(plan)
+@dataclass
+class Calibration:
+    decoder_stats: dict | None = None  # MatMul input -> {"sq": E[x^2], "abs": E[|x|]} (data-aware INT4/INT8)
+    activation_scales: dict[str, dict[str, float]] = field(default_factory=dict)  # W8A8: graph -> input -> scale
+
+
+@dataclass
+class WrittenGraph:
+    precision: str
+    proto: onnx.ModelProto  # the written graph, parsed once, without its weights
+    weights: dict = field(default_factory=dict)  # weight-only: initializer -> rule applied
+    dynamic_int8: dict | None = None  # the dynamic INT8 format record
+    promoted: dict[str, float] = field(default_factory=dict)  # weight kept one step more precise -> its weighted error
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    manifest: dict
+    report: dict | None  # the parity report; None when not verified
+
+    @property
+    def passed(self) -> bool:
+        return self.report is None or self.report["summary"]["passed"]
+
+
+def plan(src: Artifact, recipe: Recipe) -> dict[str, GraphPlan]:
+    return {name: plan_graph(src.graph_path(name), name, graph) for name, graph in recipe.graphs.items()}
+
+
+def calibrate(src: Artifact, recipe: Recipe, plans: dict[str, GraphPlan], calibration: str | None,
+              cache_dir: Path | None, log) -> Calibration:
+    """Decoder input statistics (AWQ, clipping) and activation scales (W8A8) from real audio."""
+    if not recipe.needs_calibration:
+        return Calibration()
+    samples = build_samples(find_audio(calibration), count=recipe.calibration_samples)
+    log(f"calibration: {len(samples)} samples from {len({s.path for s in samples})} file(s)")
+    decoder, stats = plans["decoder"], None
+    if decoder.recipe.method != "rtn" and decoder.recipe.precision in ("int4", "int8"):
+        stats = decoder_input_stats(src.root, decoder.model, list(decoder.rules), samples, cache_dir)
+    scales = {}
+    for name, p in plans.items():
+        if p.recipe.precision == "w8a8":
+            ranges = activation_ranges(src.root, p.model, name, list(p.rules), samples, p.recipe.activations)
+            scales[name] = {act: max(r, 1e-8) / 127 for act, r in ranges.items()}
+    return Calibration(stats, scales)
+
+
+def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration,
+                promoted: dict[str, float] | None = None) -> WrittenGraph:
+    """One graph of the new artifact; promoted weights (name -> weighted error) go one step more precise."""
+    dst, precision = tmp / f"{p.name}.onnx", p.recipe.precision
+    for old in tmp.glob(f"{p.name}.onnx*"):  # an earlier keep-until-pass round
+        old.unlink()
+    written = WrittenGraph(precision, onnx.ModelProto(), promoted=dict(promoted or {}))
+    if precision == "fp32":
+        for f in src.manifest["graphs"][p.name]["files"]:
+            shutil.copy(src.root / f, tmp / f)
+    elif precision == "int8-dynamic":
+        written.dynamic_int8 = quantize_dynamic_int8(p.path, dst)
+    else:
+        rules = promote(p.rules, list(written.promoted))
+        written.weights = quantize_weights(p.model, src.root, dst, rules,
+                                           calibration.decoder_stats if p.name == "decoder" else None,
+                                           calibration.activation_scales.get(p.name))
+    written.proto = onnx.load(str(dst), load_external_data=False)
+    return written
+
+
+def promote(rules: dict[str, WeightRule], names: list[str]) -> dict[str, WeightRule]:
+    """The rules with `names` one step up: INT4 -> INT8, INT8 -> fp32 (dropped from the rules)."""
+    out = dict(rules)
     for name in names:
         if out[name].bits == 4:
             out[name] = WeightRule(8, out[name].block, out[name].method)
@@ -31,13 +106,61 @@ def promote(plan: dict[str, WeightRule], names: list[str]) -> dict[str, WeightRu
     return out
 
 
+def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan], written: dict[str, WrittenGraph],
+           log) -> dict:
+    """The new artifact's manifest, from the source's and what was written; written once,
+    marked unfinished until the artifact is verified."""
+    manifest = json.loads(json.dumps(src.manifest))
+    for key in ("parity", "parity_report"):  # the source's result does not describe these graphs
+        manifest.pop(key, None)
+    manifest["graphs"] = {name: graph_entry(tmp, name, w.precision, w.proto) for name, w in written.items()}
+    manifest["backends"] = sorted(set(recipe.backends) & set(src.manifest.get("backends", recipe.backends)))
+    kernels = {name: cpu_kernels(tmp / f"{name}.onnx") for name, w in written.items() if w.precision != "fp32"}
+    unfused = {g: k["dequantized_weights"] for g, k in kernels.items() if k["dequantized_weights"]}
+    if unfused:
+        log(f"warning: ONNX Runtime CPU left DequantizeLinear unfused in {unfused}: those weights run dequantized")
+    quantized = {name: w for name, w in written.items() if w.precision not in ("fp32", "int8-dynamic")}
+    manifest["quantization"] = {
+        "recipe": recipe.to_dict(), "from": str(src.root.resolve()),
+        "dynamic_int8": {name: w.dynamic_int8 for name, w in written.items() if w.dynamic_int8},
+        "higher_precision": {name: higher_precision_weights(plans[name], w.proto, {
+            n: f"--keep-until-pass: one step more precise (weighted error {e:.2e})" for n, e in w.promoted.items()})
+            for name, w in written.items()},
+        "weights": {name: w.weights for name, w in quantized.items()}, "ort_cpu_kernels": kernels,
+        "weight_bytes": {name: weight_bytes(w.proto) for name, w in quantized.items()}}
+    promoted = {n: e for w in written.values() for n, e in w.promoted.items()}
+    if promoted:
+        manifest["quantization"]["kept_more_precise"] = promoted
+    manifest["unfinished"] = "quantize: not verified yet"
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def keep_more_precise_until_pass(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan], calibration: Calibration,
+                    written: dict[str, WrittenGraph], verify, log) -> tuple[dict, dict]:
+    """Keep the decoder weights with the largest measured quantization error one step more
+    precise, 1, 2, 4, ... of them, until the parity check passes or none is left."""
+    decoder = plans["decoder"]
+    sensitivity = weight_sensitivity(decoder.model, src.root, decoder.rules, calibration.decoder_stats)
+    ranked = sorted(sensitivity, key=sensitivity.get, reverse=True)
+    count, manifest, report = 1, None, None
+    while count <= len(ranked):
+        log(f"parity failed; keeping the {count} most sensitive decoder weight(s) one step more precise")
+        written["decoder"] = write_graph(src, tmp, decoder, calibration, {n: sensitivity[n] for n in ranked[:count]})
+        manifest = record(src, tmp, recipe, plans, written, log)
+        report = verify(tmp)
+        if report["summary"]["passed"]:
+            break
+        count *= 2
+    return manifest, report
+
+
 def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, calibration: str | None = None,
-                      cache_dir: Path | None = None, verify: Callable[[Path], dict] | None = None,
-                      keep_until_pass: bool = False, log=print) -> Path:
-    """fp32 artifact -> quantized artifact; `verify(tmp_dir)` returns a parity report that is
-    written into the artifact before it is moved into place. With keep_until_pass, the decoder
-    weights with the largest measured quantization error are kept one step more precise
-    (1, 2, 4, ... of them) until the report passes."""
+                      cache_dir: Path | None = None, verify=True, keep_until_pass: bool = False,
+                      log=print) -> QuantizeResult:
+    """fp32 artifact -> quantized artifact, verified against the PyTorch reference before it is
+    moved into place. verify: True for the default Verifier (the checkpoint the artifact came
+    from, the bundled held-out clip), a configured `moss_edge.export.verify.Verifier`, or False."""
     src = Artifact.load(src_dir)
     out = Path(out_dir)
     check_output(out)
@@ -47,95 +170,39 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
     if src.failed_parity:
         log(f"warning: {src.root} failed its own parity check against the PyTorch model; its quantized "
             "version will fail too until the export is fixed")
-    if keep_until_pass and verify is None:
+    if keep_until_pass and not verify:
         raise MossEdgeError("keeping layers until the parity check passes needs the parity check (drop --no-verify)")
-    stats, ranges = None, {}
-    if recipe.needs_calibration:
-        samples = build_samples(find_audio(calibration), count=recipe.calibration_samples)
-        log(f"calibration: {len(samples)} samples from {len({s.path for s in samples})} file(s)")
-        decoder = recipe.graphs["decoder"]
-        if decoder.method != "rtn" and decoder.precision in ("int4", "int8"):
-            plan = weight_plan(src.graph_path("decoder"), decoder)
-            stats = decoder_input_stats(src.root, list(plan), samples, cache_dir)
-        for name, graph in recipe.graphs.items():
-            if graph.precision == "w8a8":
-                plan = weight_plan(src.graph_path(name), graph)
-                ranges[name] = activation_ranges(src.root, name, list(plan), samples, graph.activations)
+    if verify:
+        from moss_edge.export.verify import Verifier
+
+        verify = Verifier() if verify is True else verify
+        if isinstance(verify, Verifier):
+            verify.check(src.root)  # a wrong or missing reference fails now, not after the work
+    plans = plan(src, recipe)
+    calib = calibrate(src, recipe, plans, calibration, cache_dir, log)
     with staged_dir(out) as tmp:
-        manifest = json.loads(json.dumps(src.manifest))
-        layers, formats = {}, {}
-        for name, graph in recipe.graphs.items():
-            source = src.graph_path(name)
-            log(f"{name}: {graph.precision}" + (f" ({graph.method}, block {graph.block})" if graph.precision in ("int4", "int8") else ""))  # noqa: E501
-            if graph.precision == "fp32":
-                for f in src.manifest["graphs"][name]["files"]:
-                    shutil.copy(src.root / f, tmp / f)
-            elif graph.precision == "int8-dynamic":
-                formats[name] = quantize_dynamic_int8(source, tmp / f"{name}.onnx")
-            else:
-                scales = {act: max(r, 1e-8) / 127 for act, r in ranges.get(name, {}).items()}
-                layers[name] = quantize_weights(source, tmp / f"{name}.onnx", weight_plan(source, graph),
-                                                stats if name == "decoder" else None, scales or None)
-            manifest["graphs"][name] = graph_entry(tmp, name, graph.precision)
+        written = {}
+        for name, p in plans.items():
+            r = p.recipe
+            log(f"{name}: {r.precision}" + (f" ({r.method}, block {r.block})" if r.precision in ("int4", "int8") else ""))
+            written[name] = write_graph(src, tmp, p, calib)
         for f in src.tokenizer_files:
             shutil.copy(src.file(f), tmp / f)
-        manifest["backends"] = sorted(set(recipe.backends) & set(src.manifest.get("backends", recipe.backends)))
-        manifest["unfinished"] = "quantize: not verified yet"
-        manifest["quantization"] = {"recipe": recipe.to_dict(), "from": str(src.root.resolve()),
-                                    "dynamic_int8": formats, "higher_precision": {}}
-        for name, graph in recipe.graphs.items():
-            manifest["quantization"]["higher_precision"][name] = higher_precision_weights(
-                src.graph_path(name), tmp / f"{name}.onnx", graph)
-        report = _check(tmp, manifest, recipe, layers, verify, log)
-        decoder = recipe.graphs["decoder"]
-        if keep_until_pass and not report["summary"]["passed"] and decoder.precision in ("int4", "int8"):
-            source = src.graph_path("decoder")
-            plan = weight_plan(source, decoder)
-            sensitivity = weight_sensitivity(source, plan, stats)
-            ranked = sorted(sensitivity, key=sensitivity.get, reverse=True)
-            count = 1
-            while not report["summary"]["passed"] and count <= len(ranked):
-                kept = ranked[:count]
-                log(f"parity failed; keeping the {count} most sensitive decoder weight(s) one step more precise")
-                for f in tmp.glob("decoder.onnx*"):
-                    f.unlink()
-                layers["decoder"] = quantize_weights(source, tmp / "decoder.onnx", promote(plan, kept), stats)
-                manifest["graphs"]["decoder"] = graph_entry(tmp, "decoder", decoder.precision)
-                manifest["quantization"]["kept_more_precise"] = {n: sensitivity[n] for n in kept}
-                promoted = {n: f"--keep-until-pass: one step more precise (weighted error {sensitivity[n]:.2e})"
-                            for n in kept}
-                manifest["quantization"]["higher_precision"]["decoder"] = higher_precision_weights(
-                    source, tmp / "decoder.onnx", decoder, promoted)
-                report = _check(tmp, manifest, recipe, layers, verify, log)
-                count *= 2
+        manifest = record(src, tmp, recipe, plans, written, log)
+        report = verify(tmp) if verify else None
+        if keep_until_pass and not report["summary"]["passed"] and plans["decoder"].rules:
+            manifest, report = keep_more_precise_until_pass(src, tmp, recipe, plans, calib, written, verify, log)
+        if report is not None:
+            manifest["parity"] = report["summary"]
+            (tmp / "parity.json").write_text(json.dumps(report, indent=2))
+            manifest["parity_report"] = "parity.json"
         del manifest["unfinished"]
         write_manifest(tmp, manifest)  # the last file written
-    return out
+    return QuantizeResult(out, manifest, report)
 
 
-def _check(tmp: Path, manifest: dict, recipe: Recipe, layers: dict, verify, log) -> dict | None:
-    """Record kernels and sizes in the manifest, then run the parity check (if any) into it."""
-    kernels = {g: cpu_kernels(tmp / f"{g}.onnx") for g, r in recipe.graphs.items() if r.precision != "fp32"}
-    manifest["quantization"].update(weights=layers, ort_cpu_kernels=kernels,
-                                    weight_bytes={g: weight_bytes(tmp / f"{g}.onnx") for g in layers})
-    unfused = {g: k["dequantized_weights"] for g, k in kernels.items() if k["dequantized_weights"]}
-    if unfused:
-        log(f"warning: ONNX Runtime CPU left DequantizeLinear unfused in {unfused}: those weights run dequantized")
-    manifest.pop("parity", None)  # a previous round's result does not describe these graphs
-    manifest.pop("parity_report", None)
-    write_manifest(tmp, manifest)
-    if verify is None:
-        return None
-    report = verify(tmp)
-    manifest["parity"] = report["summary"]
-    (tmp / "parity.json").write_text(json.dumps(report, indent=2))
-    manifest["parity_report"] = "parity.json"
-    return report
-
-
-def weight_bytes(graph_path: Path) -> dict:
+def weight_bytes(model: onnx.ModelProto) -> dict:
     """Per bit width: bytes of the quantized weights (data + scales) and of the same weights in fp16."""
-    model = onnx.load(str(graph_path), load_external_data=False)
     dims = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
     out = {}
     for name, count in dims.items():

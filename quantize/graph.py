@@ -5,7 +5,7 @@ A quantized MatMul weight becomes INT4/INT8 data, fp32 scales and a DequantizeLi
 untouched. TensorRT runs the pattern as is; ONNX Runtime CPU fuses it into MatMulNBits at load.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -94,98 +94,137 @@ def _quantized(name: str, w: np.ndarray, rule: WeightRule, stats: dict | None, a
     return inits, node, input_scale
 
 
-def quantize_weights(src: Path, dst: Path, plan: dict[str, WeightRule], stats: dict[str, dict] | None = None,
-                     activation_scales: dict[str, float] | None = None) -> dict:
-    """Write dst (+ dst.data) from src with the initializers in `plan` quantized.
+@dataclass
+class Rewrite:
+    """The edits of one pass over a graph's initializers, applied to the graph at the end."""
 
-    stats maps a MatMul input tensor name to {"sq": E[x^2], "abs": E[|x|]} per input channel,
-    for the data-aware methods. activation_scales (W8A8) maps a MatMul input to the scale of a
-    symmetric INT8 QuantizeLinear/DequantizeLinear pair put in front of the MatMul.
-    Returns {initializer: {"bits", "block", "method", "awq"}}."""
-    model = onnx.load(str(src), load_external_data=False)
-    graph = model.graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    writer = ExternalWriter(dst.parent / f"{dst.name}.data")
-    new_inits, new_nodes, done = [], [], {}
-    before: dict[int, list[onnx.NodeProto]] = {}  # nodes to insert just before a consumer
-    removed: set[int] = set()
-    try:
-        for init in graph.initializer:
-            value = read_initializer(init, src.parent)
-            rule = plan.get(init.name)
-            if rule is None:
-                new_inits.append(writer.tensor(init.name, init.data_type, init.dims, np.ascontiguousarray(value).tobytes()))
-                continue
-            users = consumers.get(init.name, [])
-            # MatMul(X, W[K, N]) blocks along K (axis 0); Gather(W[V, H], ids) along H (axis 1)
-            axis = 1 if users and all(u.op_type == "Gather" for u in users) else 0
-            matmul_input = next((u.input[0] for u in users if u.op_type == "MatMul"), None)
-            layer_stats = stats.get(matmul_input) if stats and matmul_input else None
-            inits, dq, input_scale = _quantized(init.name, np.asarray(value, np.float32), rule, layer_stats, axis, writer)
-            new_inits += inits
-            if axis == 1:  # a table: gather the quantized rows and their scales, dequantize only those
-                for user in users:
-                    ids = user.input[1]
-                    before[id(user)] = [
-                        helper.make_node("Gather", [inits[0].name, ids], [f"{user.name}_rows_q"], name=f"{user.name}_q"),
-                        helper.make_node("Gather", [inits[1].name, ids], [f"{user.name}_rows_scale"], name=f"{user.name}_s"),
-                        helper.make_node("DequantizeLinear", [f"{user.name}_rows_q", f"{user.name}_rows_scale"],
-                                         list(user.output), name=f"{user.name}_dq", axis=-1, block_size=rule.block)]
-                    removed.add(id(user))
-            else:
-                new_nodes.append(dq)
-            if input_scale is not None:  # x @ W == (x / s) @ (s W): divide the input, once per consumer
-                inv = writer.tensor(f"{init.name}_input_scale", TensorProto.FLOAT, input_scale.shape,
-                                    (1.0 / input_scale).astype(np.float32).tobytes())
-                new_inits.append(inv)
-                for user in users:
-                    scaled = f"{init.name}_scaled_input"
-                    before.setdefault(id(user), []).append(
-                        helper.make_node("Mul", [user.input[0], inv.name], [scaled], name=f"{init.name}_awq"))
-                    user.input[0] = scaled
-            for use, user in enumerate(users):  # a weight can feed several MatMuls (out_proj: taps and output)
-                act = user.input[0]
-                if user.op_type == "MatMul" and activation_scales and act in activation_scales:
-                    scale = writer.tensor(f"{init.name}_act_scale{use}", TensorProto.FLOAT, [],
-                                          np.float32(activation_scales[act]).tobytes())
-                    zero = writer.tensor(f"{init.name}_act_zero{use}", TensorProto.INT8, [], np.int8(0).tobytes())
-                    new_inits += [scale, zero]
-                    q, dq = f"{init.name}_act_q{use}", f"{init.name}_act_dq{use}"
-                    before.setdefault(id(user), []).extend([
-                        helper.make_node("QuantizeLinear", [act, scale.name, zero.name], [q], name=q),
-                        helper.make_node("DequantizeLinear", [q, scale.name, zero.name], [dq], name=dq)])
-                    user.input[0] = dq
-            done[init.name] = {"bits": rule.bits, "block": rule.block, "method": rule.method, "awq": input_scale is not None,
-                               "activations": bool(activation_scales and any("_act_dq" in u.input[0] for u in users))}
-    finally:
-        writer.close()
-    del graph.initializer[:]
-    graph.initializer.extend(new_inits)
-    nodes = list(new_nodes)  # DequantizeLinear depends on initializers only: first
-    for node in graph.node:
-        nodes += before.get(id(node), []) + ([] if id(node) in removed else [node])
-    del graph.node[:]
-    graph.node.extend(nodes)
-    onnx.save(model, str(dst))
-    if writer.offset == 0:
-        writer.path.unlink()
+    writer: ExternalWriter
+    initializers: list = field(default_factory=list)
+    dequantize: list = field(default_factory=list)  # weight DequantizeLinear nodes: first in the graph
+    before: dict = field(default_factory=dict)  # id(node) -> nodes inserted just before it
+    removed: set = field(default_factory=set)  # id(node) of nodes replaced
+
+    def insert_before(self, node: onnx.NodeProto, *nodes: onnx.NodeProto) -> None:
+        self.before.setdefault(id(node), []).extend(nodes)
+
+    def apply(self, graph: onnx.GraphProto) -> None:
+        del graph.initializer[:]
+        graph.initializer.extend(self.initializers)
+        nodes = list(self.dequantize)  # they depend on initializers only
+        for node in graph.node:
+            nodes += self.before.get(id(node), []) + ([] if id(node) in self.removed else [node])
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
+# One rewrite per scheme. Each gets the quantized initializers [data, scale] of weight `name`.
+
+def dequantized_weight(rw: Rewrite, dq: onnx.NodeProto) -> None:
+    """MatMul weight: a DequantizeLinear whose output keeps the weight's name."""
+    rw.dequantize.append(dq)
+
+
+def gathered_table(rw: Rewrite, users: list[onnx.NodeProto], inits: list[TensorProto], block: int) -> None:
+    """Embedding table: gather the quantized rows and their scales, dequantize only those."""
+    for user in users:
+        ids = user.input[1]
+        rw.insert_before(user,
+                         helper.make_node("Gather", [inits[0].name, ids], [f"{user.name}_rows_q"], name=f"{user.name}_q"),
+                         helper.make_node("Gather", [inits[1].name, ids], [f"{user.name}_rows_scale"], name=f"{user.name}_s"),
+                         helper.make_node("DequantizeLinear", [f"{user.name}_rows_q", f"{user.name}_rows_scale"],
+                                          list(user.output), name=f"{user.name}_dq", axis=-1, block_size=block))
+        rw.removed.add(id(user))
+
+
+def scaled_inputs(rw: Rewrite, name: str, users: list[onnx.NodeProto], input_scale: np.ndarray) -> None:
+    """AWQ: x @ W == (x / s) @ (s W): divide the input, once per consumer."""
+    inv = rw.writer.tensor(f"{name}_input_scale", TensorProto.FLOAT, input_scale.shape,
+                           (1.0 / input_scale).astype(np.float32).tobytes())
+    rw.initializers.append(inv)
+    for user in users:
+        scaled = f"{name}_scaled_input"
+        rw.insert_before(user, helper.make_node("Mul", [user.input[0], inv.name], [scaled], name=f"{name}_awq"))
+        user.input[0] = scaled
+
+
+def quantized_activations(rw: Rewrite, name: str, users: list[onnx.NodeProto], scales: dict[str, float]) -> bool:
+    """W8A8: a symmetric INT8 QuantizeLinear/DequantizeLinear pair in front of each MatMul whose
+    input has a calibrated scale (a weight can feed several MatMuls: out_proj, taps and output)."""
+    done = False
+    for use, user in enumerate(users):
+        act = user.input[0]
+        if user.op_type != "MatMul" or act not in scales:
+            continue
+        scale = rw.writer.tensor(f"{name}_act_scale{use}", TensorProto.FLOAT, [], np.float32(scales[act]).tobytes())
+        zero = rw.writer.tensor(f"{name}_act_zero{use}", TensorProto.INT8, [], np.int8(0).tobytes())
+        rw.initializers += [scale, zero]
+        q, dq = f"{name}_act_q{use}", f"{name}_act_dq{use}"
+        rw.insert_before(user, helper.make_node("QuantizeLinear", [act, scale.name, zero.name], [q], name=q),
+                         helper.make_node("DequantizeLinear", [q, scale.name, zero.name], [dq], name=dq))
+        user.input[0] = dq
+        done = True
     return done
 
 
-def weight_sensitivity(src: Path, plan: dict[str, WeightRule], stats: dict[str, dict] | None = None) -> dict[str, float]:
+def quantize_weights(model: onnx.ModelProto, root: Path, dst: Path, plan: dict[str, WeightRule],
+                     stats: dict[str, dict] | None = None, activation_scales: dict[str, float] | None = None) -> dict:
+    """Write dst (+ dst.data) from the fp32 graph `model` (parsed without external data, which
+    is read from root; the proto is not changed) with the initializers in `plan` quantized.
+
+    stats maps a MatMul input tensor name to {"sq": E[x^2], "abs": E[|x|]} per input channel,
+    for the data-aware methods. activation_scales (W8A8) maps a MatMul input to the scale of its
+    INT8 activations. Returns {initializer: {"bits", "block", "method", "awq", "activations"}}."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    rw, done = Rewrite(ExternalWriter(dst.parent / f"{dst.name}.data")), {}
+    try:
+        for init in model.graph.initializer:
+            value = read_initializer(init, root)
+            rule = plan.get(init.name)
+            if rule is None:
+                rw.initializers.append(rw.writer.tensor(init.name, init.data_type, init.dims,
+                                                        np.ascontiguousarray(value).tobytes()))
+                continue
+            users = consumers.get(init.name, [])
+            # MatMul(X, W[K, N]) blocks along K (axis 0); Gather(W[V, H], ids) along H (axis 1)
+            table = bool(users) and all(u.op_type == "Gather" for u in users)
+            matmul_input = next((u.input[0] for u in users if u.op_type == "MatMul"), None)
+            layer_stats = stats.get(matmul_input) if stats and matmul_input else None
+            inits, dq, input_scale = _quantized(init.name, np.asarray(value, np.float32), rule, layer_stats,
+                                                1 if table else 0, rw.writer)
+            rw.initializers += inits
+            if table:
+                gathered_table(rw, users, inits, rule.block)
+            else:
+                dequantized_weight(rw, dq)
+            if input_scale is not None:
+                scaled_inputs(rw, init.name, users, input_scale)
+            activations = quantized_activations(rw, init.name, users, activation_scales) if activation_scales else False
+            done[init.name] = {"bits": rule.bits, "block": rule.block, "method": rule.method,
+                               "awq": input_scale is not None, "activations": activations}
+    finally:
+        rw.writer.close()
+    rw.apply(model.graph)
+    onnx.save(model, str(dst))
+    if rw.writer.offset == 0:
+        rw.writer.path.unlink()
+    return done
+
+
+def weight_sensitivity(model: onnx.ModelProto, root: Path, plan: dict[str, WeightRule],
+                       stats: dict[str, dict] | None = None) -> dict[str, float]:
     """Relative output error of each planned MatMul weight under its rule (round to nearest):
     sum_k h_k |W_k - Q(W)_k|^2 / sum_k h_k |W_k|^2 with h = E[x^2] of the input when known."""
-    model = onnx.load(str(src), load_external_data=False)
     inputs = {n.input[1]: n.input[0] for n in model.graph.node if n.op_type == "MatMul"}
     out = {}
     for init in model.graph.initializer:
         rule = plan.get(init.name)
         if rule is None or init.name not in inputs:
             continue
-        w = np.asarray(read_initializer(init, src.parent), np.float32)
+        w = np.asarray(read_initializer(init, root), np.float32)
         h = stats[inputs[init.name]]["sq"] if stats and inputs[init.name] in stats else np.ones(w.shape[0], np.float32)
         q, scale = quantize_blocked(w, rule.bits, rule.block)
         err = (h[:, None] * (w - dequantize_blocked(q, scale, rule.block)) ** 2).sum()

@@ -7,6 +7,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from moss_edge.runtime.session import PROVIDERS
+
 
 def cpu_kernels(graph: Path) -> dict:
     """Op counts of the graph as ORT CPU optimizes it at load: quantized weights should show up
@@ -19,7 +21,7 @@ def cpu_kernels(graph: Path) -> dict:
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         opts.log_severity_level = 3
-        ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(graph), opts, providers=PROVIDERS["cpu"])
         model = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False)
     ops = Counter(n.op_type for n in model.graph.node)
     inits = {i.name for i in model.graph.initializer}

@@ -1,5 +1,6 @@
 """Which weights of a graph a recipe quantizes, and why every other weight stays more precise."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,37 +48,52 @@ def weight_precision(name: str, op: str, dims: list[int], recipe: GraphRecipe) -
     return precision, ""
 
 
-def weight_plan(graph_path: Path, recipe: GraphRecipe) -> dict[str, WeightRule]:
+@dataclass
+class GraphPlan:
+    """One graph of the fp32 artifact, parsed once (without its weights), and the rule of each
+    weight the recipe quantizes."""
+
+    name: str
+    path: Path
+    recipe: GraphRecipe
+    model: onnx.ModelProto
+    rules: dict[str, WeightRule]
+
+    @property
+    def weights(self) -> dict[str, tuple[str, list[int]]]:
+        return _weights(self.model)
+
+
+def plan_graph(path: Path, name: str, recipe: GraphRecipe) -> GraphPlan:
     """Every weight the recipe quantizes (2-D MatMul weights, Gather tables) with its rule."""
-    model = onnx.load(str(graph_path), load_external_data=False)
-    plan = {}
-    for name, (op, dims) in _weights(model).items():
-        precision, _ = weight_precision(name, op, dims, recipe)
-        if precision == "fp32":
+    model = onnx.load(str(path), load_external_data=False)
+    rules = {}
+    for weight, (op, dims) in _weights(model).items():
+        precision, _ = weight_precision(weight, op, dims, recipe)
+        if precision == "fp32" or recipe.precision == "int8-dynamic":
             continue
-        table = "lm_head" in name or op == "Gather"
-        plan[name] = WeightRule(BITS[precision], recipe.block, "rtn" if table else recipe.method,
-                                per_channel=precision == "w8a8")
-    return plan
+        table = "lm_head" in weight or op == "Gather"
+        rules[weight] = WeightRule(BITS[precision], recipe.block, "rtn" if table else recipe.method,
+                                   per_channel=precision == "w8a8")
+    return GraphPlan(name, path, recipe, model, rules)
 
 
-def higher_precision_weights(src: Path, dst: Path, recipe: GraphRecipe,
+def higher_precision_weights(plan: GraphPlan, written: onnx.ModelProto,
                              promoted: dict[str, str] | None = None) -> dict[str, dict]:
-    """Every weight of the fp32 graph `src` that the quantized graph `dst` keeps in floating
-    point, with its reason, and every weight `promoted` names (weight -> reason) at the
-    precision it got: nothing stays more precise without a word."""
-    before = _weights(onnx.load(str(src), load_external_data=False))
-    model = onnx.load(str(dst), load_external_data=False)
-    floats = {i.name: FLOAT_TYPES[i.data_type] for i in model.graph.initializer if i.data_type in FLOAT_TYPES}
+    """Every weight of the fp32 graph that the written graph keeps in floating point, with its
+    reason, and every weight `promoted` names (weight -> reason) at the precision it got:
+    nothing stays more precise without a word."""
+    before = plan.weights
+    floats = {i.name: FLOAT_TYPES[i.data_type] for i in written.graph.initializer if i.data_type in FLOAT_TYPES}
     out = {}
     for name, (op, dims) in before.items():
         if name not in floats:
             continue
-        if recipe.precision == "int8-dynamic":
+        if plan.recipe.precision == "int8-dynamic":
             reason = ("Conv weight: dynamic INT8 quantizes MatMul weights only" if op == "Conv" else
                       "left in floating point by onnxruntime's dynamic quantizer")
         else:
-            reason = weight_precision(name, op, dims, recipe)[1] or "not quantized (no rule matched)"
+            reason = weight_precision(name, op, dims, plan.recipe)[1] or "not quantized (no rule matched)"
         out[name] = {"precision": floats[name], "reason": reason, "parameters": int(np.prod(dims))}
     for name, reason in (promoted or {}).items():
         out[name] = {"precision": floats.get(name, "int8"), "reason": reason,

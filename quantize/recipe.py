@@ -4,7 +4,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from moss_edge.runtime.artifact import GRAPHS
+from moss_edge.runtime.graphs import GRAPHS
+from moss_edge.runtime.session import PROVIDERS
 from moss_edge.runtime.errors import MossEdgeError
 
 PRECISIONS = ("fp32", "int8", "int8-dynamic", "int4", "w8a8")
@@ -12,8 +13,8 @@ METHODS = ("rtn", "clip", "awq")
 TABLE_PRECISIONS = ("fp32", "int8", "int4")
 # Which ONNX Runtime providers run a graph of each precision. Dynamic INT8 (MatMulInteger with
 # runtime activation quantization) is the fastest INT8 on ORT CPU; TensorRT does not take it.
-BACKENDS = {"fp32": {"cpu", "cuda", "tensorrt"}, "int8": {"cpu", "cuda", "tensorrt"},
-            "int4": {"cpu", "cuda", "tensorrt"}, "int8-dynamic": {"cpu"}, "w8a8": {"cpu", "cuda", "tensorrt"}}
+BACKENDS = {"fp32": set(PROVIDERS), "int8": set(PROVIDERS), "int4": set(PROVIDERS), "int8-dynamic": {"cpu"},
+            "w8a8": set(PROVIDERS)}
 
 
 @dataclass

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.graphs import GRAPHS, Dims
 from moss_edge.runtime.onnx_files import external_data_locations
 from moss_edge.runtime.prompt import TokenIds
 
 FORMAT = "moss-edge-artifact"
 FORMAT_VERSION = 2  # 2: tokenizer files hashed, unfinished (staging) manifests marked
-GRAPHS = ("encoder", "adapter", "decoder")
 
 
 def inside(root: Path, name: str) -> Path:
@@ -124,6 +124,6 @@ class Artifact:
         return TokenIds(**self.manifest["token_ids"])
 
     @property
-    def model(self) -> dict:
-        """Sizes the runtime needs: hidden, layers, kv heads, head_dim, deepstack, chunk frames."""
-        return self.manifest["model"]
+    def dims(self) -> Dims:
+        """The sizes the graphs were built with (the graph contract's Dims)."""
+        return Dims.from_manifest(self.manifest["model"])

@@ -16,6 +16,7 @@ SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
 N_MELS = 128
+TOKENS_PER_SECOND = SAMPLE_RATE / HOP_LENGTH / 2**3  # 12.5: three stride-2 convolutions over 100 frames/s
 
 
 def load_audio(path: str | Path) -> np.ndarray:

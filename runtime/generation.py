@@ -1,29 +1,30 @@
-"""The decode loop and incremental detokenization, shared by every backend.
-
-A backend supplies two functions: `prefill()` runs the prompt and returns the last logits;
-`step(token)` feeds one token and returns its logits. Everything else lives here.
-"""
+"""The decode loop and incremental detokenization, shared by every backend: a backend is
+anything with the Inference interface (runtime/inference.py)."""
 
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.inference import AudioFeatures, Inference
 from moss_edge.runtime.sampling import SamplingOptions, next_token
 
 
-def generate_tokens(prefill: Callable[[], np.ndarray], step: Callable[[int], np.ndarray],
-                    opts: SamplingOptions, stop_ids: list[int]) -> Iterator[int]:
-    """Yield generated ids until a stop id (not yielded) or max_new_tokens."""
+def generate_tokens(model: Inference, prompt_ids: list[int], audio: AudioFeatures, opts: SamplingOptions,
+                    stop_ids: list[int] | None = None, deepstack: bool = True) -> Iterator[int]:
+    """Yield generated ids until a stop id (not yielded; the model's own when None) or
+    max_new_tokens."""
     opts.check()
+    stop_ids = model.ids.stop if stop_ids is None else stop_ids
     rng = np.random.default_rng(opts.seed)
-    logits = prefill()
+    logits = model.prefill(prompt_ids, audio, deepstack)
     for i in range(opts.max_new_tokens):
         token = next_token(logits, opts, rng)
         if token in stop_ids:
             return
         yield token
         if i + 1 < opts.max_new_tokens:
-            logits = step(token)
+            logits = model.step(token)
 
 
 def stream_text(decode: Callable[[list[int]], str], tokens: Iterator[int]) -> Iterator[str]:
@@ -48,7 +49,7 @@ def place_audio(prompt_ids: np.ndarray, audio_token: int, rows: np.ndarray) -> n
     positions of the prompt (in order) and zeros elsewhere."""
     mask = np.asarray(prompt_ids) == audio_token
     if int(mask.sum()) != rows.shape[-2]:
-        raise ValueError(f"prompt has {int(mask.sum())} audio positions but {rows.shape[-2]} audio tokens were encoded")
+        raise MossEdgeError(f"prompt has {int(mask.sum())} audio positions but {rows.shape[-2]} audio tokens were encoded")
     out = np.zeros((*rows.shape[:-2], len(prompt_ids), rows.shape[-1]), rows.dtype)
     out[..., mask, :] = rows
     return out

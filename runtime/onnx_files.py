@@ -8,6 +8,8 @@ refuse such a graph before ONNX Runtime opens it.
 import mmap
 from pathlib import Path
 
+from moss_edge.runtime.errors import MossEdgeError
+
 # protobuf field numbers (onnx.proto): where tensors, and so external-data entries, can sit
 MODEL_GRAPH = 7
 GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_SPARSE_INITIALIZER = 1, 5, 15
@@ -85,7 +87,11 @@ def external_data_locations(path: Path) -> set[str]:
         if not size:
             return out
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            for number, a, b in _fields(data, 0, size):
-                if number == MODEL_GRAPH:
-                    _graph_locations(data, a, b, out)
+            try:
+                for number, a, b in _fields(data, 0, size):
+                    if number == MODEL_GRAPH:
+                        _graph_locations(data, a, b, out)
+            except (ValueError, IndexError):
+                raise MossEdgeError(f"{path} is not a readable ONNX file (damaged or truncated); export or copy "
+                                    "the artifact again") from None
     return out

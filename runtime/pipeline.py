@@ -13,28 +13,21 @@ import numpy as np
 import soundfile as sf
 
 from moss_edge.runtime.artifact import Artifact
-from moss_edge.runtime.audio import (N_MELS, SAMPLE_RATE, chunk_mels, clip_token_count, load_audio, log_mel,
+from moss_edge.runtime.audio import (SAMPLE_RATE, chunk_mels, clip_token_count, load_audio, log_mel,
                                      prepare_waveform)
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens, place_audio, stream_text
+from moss_edge.runtime.graphs import Dims, cache_names, decoder_feeds, empty_cache, graph_spec, mismatches
+from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids, expand_audio_spans
 from moss_edge.runtime.sampling import SamplingOptions, split_thinking
-from moss_edge.runtime.session import ShapeLimits, make_session, trt_profiles
+from moss_edge.runtime.session import PROVIDERS, ShapeLimits, make_session, trt_profiles
 
 AudioInput = str | Path | bytes | tuple[np.ndarray, int] | np.ndarray
 
 
 class ParityWarning(UserWarning):
     """Loading an artifact whose parity check against the PyTorch model failed."""
-
-
-@dataclass
-class AudioFeatures:
-    tokens: np.ndarray  # [n, out_dim] encoder output, valid tokens of all chunks in order
-    taps: np.ndarray  # [n_taps, n, out_dim]
-    embeds: np.ndarray  # [n, hidden] adapter output
-    deepstack: np.ndarray  # [K, n, hidden] merger outputs
-    clip_tokens: list[int]
 
 
 @dataclass
@@ -68,22 +61,9 @@ def to_waveform(audio: AudioInput) -> np.ndarray:
 
 
 def check_graph_io(artifact: Artifact, name: str, session) -> None:
-    """The loaded graph has the inputs its role needs, with the manifest's sizes: a graph swapped
-    for another one, or a manifest edited to other sizes, fails here with a message."""
-    m = artifact.model
-    wanted = {"encoder": {"mel": {1: N_MELS}, "frames": {}},
-              "adapter": {"audio_tokens": {1: m["audio_dim"]}, "taps": {0: m["num_taps"], 2: m["audio_dim"]}},
-              "decoder": {"input_ids": {}, "position_ids": {}, "audio_embeds": {2: m["hidden_size"]},
-                          "deepstack_embeds": {0: m["num_deepstack"], 3: m["hidden_size"]},
-                          **{f"past_{kind}_{i}": {1: m["num_key_value_heads"], 3: m["head_dim"]}
-                             for i in range(m["num_hidden_layers"]) for kind in ("key", "value")}}}[name]
-    inputs = {i.name: i.shape for i in session.get_inputs()}
-    problems = [f"no input {n!r}" for n in wanted if n not in inputs]
-    problems += [f"{n} dim {axis} is {inputs[n][axis]}, the manifest says {size}" for n, dims in wanted.items()
-                 if n in inputs for axis, size in dims.items()
-                 if axis < len(inputs[n]) and isinstance(inputs[n][axis], int) and inputs[n][axis] != size]
-    if len(inputs) != len(wanted) and name == "decoder":
-        problems.append(f"{len(inputs)} inputs, the manifest's {m['num_hidden_layers']} layers need {len(wanted)}")
+    """The loaded graph has the inputs the graph contract gives for the manifest's sizes: a graph
+    swapped for another one, or a manifest edited to other sizes, fails here with a message."""
+    problems = mismatches(graph_spec(name, artifact.dims), {i.name: i.shape for i in session.get_inputs()})
     if problems:
         raise MossEdgeError(f"{artifact.graph_path(name)} is not the {name} graph its manifest describes "
                             f"({'; '.join(problems[:4])}); export the artifact again")
@@ -93,29 +73,23 @@ class DecoderRunner:
     """Runs decoder.onnx with its KV cache kept as ONNX Runtime values between steps
     (IO binding), so the cache never round-trips through numpy."""
 
-    def __init__(self, session, model: dict):
+    def __init__(self, session, dims: Dims):
         self.session = session
-        self.model = model
+        self.dims = dims
         self.output_names = [o.name for o in session.get_outputs()]
-        self.cache_names = [n for n in (i.name for i in session.get_inputs()) if n.startswith("past_")]
-        past_type = next(i.type for i in session.get_inputs() if i.name.startswith("past_"))
-        self.cache_dtype = np.float16 if "float16" in past_type else np.float32
-        self.embed_dtype = np.float16 if "float16" in next(i.type for i in session.get_inputs() if i.name == "audio_embeds") else np.float32
+        types = {i.name: i.type for i in session.get_inputs()}
+        self.cache_dtype = np.float16 if "float16" in types[cache_names(dims, "past")[0]] else np.float32
+        self.embed_dtype = np.float16 if "float16" in types["audio_embeds"] else np.float32
         self.past = None
         self.length = 0
-        h, k = model["hidden_size"], model["num_deepstack"]
-        self.step_audio = np.zeros((1, 1, h), self.embed_dtype)
-        self.step_deepstack = np.zeros((k, 1, 1, h), self.embed_dtype)
+        self.step_audio = np.zeros((1, 1, dims.hidden_size), self.embed_dtype)
+        self.step_deepstack = np.zeros((dims.num_deepstack, 1, 1, dims.hidden_size), self.embed_dtype)
 
-    def _run(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray, past) -> np.ndarray:
+    def _run(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray, past: list) -> np.ndarray:
         binding = self.session.io_binding()
-        positions = np.arange(self.length, self.length + ids.shape[1], dtype=np.int64)[None]
-        for name, value in (("input_ids", ids), ("position_ids", positions), ("audio_embeds", audio),
-                            ("deepstack_embeds", deepstack)):
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, value in zip(self.cache_names, past):
+        for name, value in decoder_feeds(self.dims, ids, self.length, audio, deepstack, past).items():
             if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
             else:
                 binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
@@ -127,11 +101,10 @@ class DecoderRunner:
         return outputs[0].numpy()[0]
 
     def prefill(self, prompt_ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
-        m = self.model
-        empty = np.zeros((1, m["num_key_value_heads"], 0, m["head_dim"]), self.cache_dtype)
         self.length = 0
+        empty = [empty_cache(self.dims, self.cache_dtype)] * (2 * self.dims.num_hidden_layers)
         return self._run(np.array([prompt_ids], np.int64), audio[None].astype(self.embed_dtype),
-                         deepstack[:, None].astype(self.embed_dtype), [empty] * len(self.cache_names))
+                         deepstack[:, None].astype(self.embed_dtype), empty)
 
     def step(self, token: int) -> np.ndarray:
         return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack, self.past)
@@ -143,7 +116,7 @@ class Pipeline:
 
     def __init__(self, artifact: Artifact, provider: str = "cpu", threads: int | None = None,
                  limits: ShapeLimits | None = None, with_decoder: bool = True):
-        backends = artifact.manifest.get("backends", ["cpu", "cuda", "tensorrt"])
+        backends = artifact.manifest.get("backends", list(PROVIDERS))
         if provider not in backends:
             precisions = {g: e["precision"] for g, e in artifact.manifest["graphs"].items()}
             raise MossEdgeError(f"artifact {artifact.root} ({precisions}) does not run on {provider}; it runs on "
@@ -156,11 +129,11 @@ class Pipeline:
                           ParityWarning, stacklevel=3)
         self.artifact = artifact
         self.ids = artifact.token_ids
-        self.model = artifact.model
+        self.dims = artifact.dims
         cache = artifact.root / "trt_cache"
 
         def session(graph):
-            profiles = trt_profiles(graph, self.model, limits or ShapeLimits()) if provider == "tensorrt" else None
+            profiles = trt_profiles(graph, self.dims, limits or ShapeLimits()) if provider == "tensorrt" else None
             return make_session(artifact.graph_path(graph), provider, threads, cache, profiles)
 
         self.encoder, self.adapter = session("encoder"), session("adapter")
@@ -171,7 +144,7 @@ class Pipeline:
         if with_decoder:
             decoder = session("decoder")
             check_graph_io(artifact, "decoder", decoder)
-            self.decoder = DecoderRunner(decoder, self.model)
+            self.decoder = DecoderRunner(decoder, self.dims)
         self.tokenizer = TextTokenizer.from_dir(artifact.root) if artifact.tokenizer_files else None
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside generate/stream, to catch re-entry
@@ -197,14 +170,15 @@ class Pipeline:
         return cls(Artifact.load(artifact_dir, check_hashes, unfinished_ok), provider, threads, limits, with_decoder)
 
     def encode(self, clips: list[AudioInput]) -> AudioFeatures:
+        """Clips (paths, bytes, (samples, rate) or 16 kHz arrays) -> their audio features."""
         if not clips:
             raise MossEdgeError("give at least one audio clip")
         return self._encode_waveforms([to_waveform(c) for c in clips])
 
     def _encode_waveforms(self, waveforms: list[np.ndarray]) -> AudioFeatures:
-        batch = chunk_mels([log_mel(w) for w in waveforms], self.model["chunk_frames"])
+        batch = chunk_mels([log_mel(w) for w in waveforms], self.dims.chunk_frames)
         tokens, taps = [], []
-        step = self.model["conv_chunksize"]  # bounded memory on long clips
+        step = self.dims.conv_chunksize  # bounded memory on long clips
         for start in range(0, len(batch.frames), step):
             t, p = self.encoder.run(None, {"mel": batch.mel[start : start + step], "frames": batch.frames[start : start + step]})
             valid = np.arange(t.shape[1])[None, :] < batch.tokens[start : start + step, None]
@@ -223,7 +197,7 @@ class Pipeline:
             return chat_prompt_ids(self.tokenizer, prompt, clip_tokens, self.ids)
         if not isinstance(prompt, (list, tuple, np.ndarray)):
             raise MossEdgeError(f"a prompt is text or a list of token ids, not {type(prompt).__name__}")
-        vocab = self.model["vocab_size"]
+        vocab = self.dims.vocab_size
         for i, t in enumerate(prompt):
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
                 raise MossEdgeError(f"prompt id {i} is {t!r}, not an integer")
@@ -240,9 +214,9 @@ class Pipeline:
         if not clips:
             raise MossEdgeError("give at least one audio clip")
         waveforms = [to_waveform(c) for c in clips]
-        clip_tokens = [clip_token_count(len(w), self.model["chunk_frames"]) for w in waveforms]
+        clip_tokens = [clip_token_count(len(w), self.dims.chunk_frames) for w in waveforms]
         ids = self.prompt_ids(prompt, clip_tokens)
-        limit = self.model["max_positions"]
+        limit = self.dims.max_positions
         if len(ids) >= limit:
             seconds = sum(len(w) for w in waveforms) / SAMPLE_RATE
             text = len(self.prompt_ids(prompt, [0] * len(clips)))  # the prompt without audio positions
@@ -255,30 +229,30 @@ class Pipeline:
     def _room(self, ids: list[int], opts: SamplingOptions) -> SamplingOptions:
         """The options with max_new_tokens cut to the positions left after the prompt."""
         opts.check()
-        room = self.model["max_positions"] - len(ids)
+        room = self.dims.max_positions - len(ids)
         return replace(opts, max_new_tokens=room) if room < opts.max_new_tokens else opts
 
-    def prefill(self, prompt_ids: list[int], audio: AudioFeatures) -> np.ndarray:
-        """Run the prompt; returns the last position's logits and leaves the cache filled."""
+    def prefill(self, prompt_ids: list[int], audio: AudioFeatures, deepstack: bool = True) -> np.ndarray:
+        """Run the prompt; returns the last position's logits and leaves the cache filled.
+        deepstack=False leaves the DeepStack injection out (an ablation)."""
         embeds = place_audio(prompt_ids, self.ids.audio_token, audio.embeds)
-        deepstack = place_audio(prompt_ids, self.ids.audio_token, audio.deepstack)
-        return self.decoder.prefill(prompt_ids, embeds, deepstack)
+        injected = place_audio(prompt_ids, self.ids.audio_token, audio.deepstack)
+        return self.decoder.prefill(prompt_ids, embeds, injected if deepstack else np.zeros_like(injected))
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token after the cached positions; its logits."""
+        return self.decoder.step(token)
 
     def _tokens(self, prompt_ids, features, opts, timings) -> Iterator[int]:
+        """generate_tokens, timed: the prefill ends when the first token is out (one sampling later)."""
         start = time.perf_counter()
-        first = {}
-
-        def prefill():
-            logits = self.prefill(prompt_ids, features)
-            first["t"] = time.perf_counter()
-            timings["prefill_s"] = first["t"] - start
-            return logits
-
-        n = 0
-        for n, token in enumerate(generate_tokens(prefill, self.decoder.step, opts, self.ids.stop), 1):
+        first, n = None, 0
+        for n, token in enumerate(generate_tokens(self, prompt_ids, features, opts), 1):
+            first = first or time.perf_counter()
             yield token
+        timings["prefill_s"] = (first or time.perf_counter()) - start
         if n > 1:
-            timings["decode_ms_per_token"] = (time.perf_counter() - first["t"]) * 1000 / (n - 1)
+            timings["decode_ms_per_token"] = (time.perf_counter() - first) * 1000 / (n - 1)
 
     def stream(self, audio: AudioInput | list[AudioInput], prompt: str | list[int],
                opts: SamplingOptions | None = None, **sampling) -> Iterator[str]:

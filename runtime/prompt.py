@@ -11,11 +11,15 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tokenizers import AddedToken
 
+from moss_edge.runtime.audio import TOKENS_PER_SECOND
 from moss_edge.runtime.errors import MossEdgeError
 
-TOKENS_PER_SECOND = 12.5
 MARKER_EVERY_SECONDS = 2
-AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+# The special tokens of the chat template and the audio spans, by role (Qwen3 / MOSS-Audio text).
+SPECIAL_TOKENS = {"end_of_text": "<|endoftext|>", "turn_start": "<|im_start|>", "turn_end": "<|im_end|>",
+                  "audio_token": "<|AUDIO|>", "think": "<think>", "end_think": "</think>",
+                  "audio_start": "<|audio_bos|>", "audio_end": "<|audio_eos|>"}
+AUDIO_PLACEHOLDER = "".join(SPECIAL_TOKENS[k] for k in ("audio_start", "audio_token", "audio_end"))
 DEFAULT_SYSTEM = "You are a helpful assistant."
 # Qwen2/Qwen3 pre-tokenizer split, used when a checkpoint ships vocab.json + merges.txt only.
 _QWEN_SPLIT = (
@@ -36,43 +40,7 @@ class TokenIds:
     time_markers: bool = True
 
 
-AUDIO_TOKENS = {"audio_token": "<|AUDIO|>", "audio_start": "<|audio_bos|>", "audio_end": "<|audio_eos|>"}
-
-
-def _added_tokens(root: Path) -> dict[str, int]:
-    """Special-token text -> id from tokenizer.json / tokenizer_config.json, if present."""
-    out = {t["content"]: int(t["id"]) for t in _read_json(root / "tokenizer.json").get("added_tokens", [])
-           if isinstance(t, dict) and "content" in t and "id" in t}
-    for i, t in _read_json(root / "tokenizer_config.json").get("added_tokens_decoder", {}).items():
-        if isinstance(t, dict) and "content" in t:
-            out.setdefault(t["content"], int(i))
-    return out
-
-
-def read_token_ids(checkpoint_dir: str | Path) -> TokenIds:
-    """Ids from whatever the checkpoint holds, in this order: processor_config.json, config.json
-    (`audio_token_id`, ...), the tokenizer's added tokens (<|AUDIO|>, ...), generation_config.json
-    for the stop ids; upstream's defaults for what none of them names."""
-    root = Path(checkpoint_dir)
-    ids = TokenIds()
-    proc, config, added = _read_json(root / "processor_config.json"), _read_json(root / "config.json"), _added_tokens(root)
-    for name, text in AUDIO_TOKENS.items():
-        key = f"{name}_id"
-        value = proc.get(key, config.get(key, added.get(text, getattr(ids, name))))
-        setattr(ids, name, int(value))
-    ids.time_markers = bool(proc.get("enable_time_marker", ids.time_markers))
-    if "digit_token_ids" in proc:
-        ids.digits = [int(proc["digit_token_ids"][str(d)]) for d in range(10)]
-    gen = _read_json(root / "generation_config.json")
-    if "eos_token_id" in gen:
-        # Qwen's bos is <|endoftext|>, which also ends a generation.
-        stop = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
-        stop += [gen["bos_token_id"]] if "bos_token_id" in gen else []
-        ids.stop = list(dict.fromkeys(int(t) for t in stop))
-    return ids
-
-
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
@@ -172,7 +140,7 @@ def _tokenizer_from_vocab_merges(root: Path) -> Tokenizer:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    config = _read_json(root / "tokenizer_config.json")
+    config = read_json_object(root / "tokenizer_config.json")
     added = sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0]))
     tok.add_special_tokens([AddedToken(v["content"], special=True) for _, v in added if v.get("special", True)])
     return tok

@@ -7,6 +7,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.graphs import Dims, concrete_shapes, graph_spec
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -31,32 +32,25 @@ class ShapeLimits:
     max_context: int = 4096  # prompt + generated tokens
 
 
-def trt_profiles(graph: str, model: dict, limits: ShapeLimits) -> dict[str, str]:
+def profile_sizes(graph: str, d: Dims, limits: ShapeLimits) -> tuple[dict[str, int], ...]:
+    """The dynamic axes of one graph (runtime/graphs.py) at the profile's min, opt and max."""
+    if graph == "encoder":
+        return ({"chunks": 1, "frames": 8}, {"chunks": 8, "frames": d.chunk_frames},
+                {"chunks": limits.max_chunks, "frames": d.chunk_frames})
+    if graph == "adapter":
+        return {"tokens": 1}, {"tokens": 400}, {"tokens": limits.max_chunks * d.chunk_frames // 8}
+    return ({"batch": 1, "seq": 1, "past": 0}, {"batch": 1, "seq": 1, "past": 512},
+            {"batch": 1, "seq": limits.max_prompt, "past": limits.max_context})
+
+
+def trt_profiles(graph: str, d: Dims, limits: ShapeLimits) -> dict[str, str]:
     """TensorRT optimization profiles (min / opt / max shapes) for one graph of an artifact."""
     def spec(shapes: dict[str, tuple]) -> str:
-        return ",".join(f"{name}:{'x'.join(str(d) for d in dims)}" for name, dims in shapes.items())
+        return ",".join(f"{name}:{'x'.join(str(n) for n in dims)}" for name, dims in shapes.items())
 
-    h, k, kv, hd, taps = (model["hidden_size"], model["num_deepstack"], model["num_key_value_heads"], model["head_dim"],
-                          model["num_taps"])
-    frames = model["chunk_frames"]
-    if graph == "encoder":
-        lo = {"mel": (1, 128, 8), "frames": (1,)}
-        opt = {"mel": (8, 128, frames), "frames": (8,)}
-        hi = {"mel": (limits.max_chunks, 128, frames), "frames": (limits.max_chunks,)}
-    elif graph == "adapter":
-        d, most = model["audio_dim"], limits.max_chunks * frames // 8
-        lo = {"audio_tokens": (1, d), "taps": (taps, 1, d)}
-        opt = {"audio_tokens": (400, d), "taps": (taps, 400, d)}
-        hi = {"audio_tokens": (most, d), "taps": (taps, most, d)}
-    else:
-        def decoder(seq: int, past: int) -> dict[str, tuple]:
-            shapes = {"input_ids": (1, seq), "position_ids": (1, seq), "audio_embeds": (1, seq, h),
-                      "deepstack_embeds": (k, 1, seq, h)}
-            for i in range(model["num_hidden_layers"]):
-                shapes[f"past_key_{i}"] = shapes[f"past_value_{i}"] = (1, kv, past, hd)
-            return shapes
-        lo, opt, hi = decoder(1, 0), decoder(1, 512), decoder(limits.max_prompt, limits.max_context)
-    return {"trt_profile_min_shapes": spec(lo), "trt_profile_opt_shapes": spec(opt), "trt_profile_max_shapes": spec(hi)}
+    inputs = graph_spec(graph, d).inputs
+    lo, opt, hi = (spec(concrete_shapes(inputs, sizes)) for sizes in profile_sizes(graph, d, limits))
+    return {"trt_profile_min_shapes": lo, "trt_profile_opt_shapes": opt, "trt_profile_max_shapes": hi}
 
 
 def provider_list(provider: str, cache_dir: Path | None = None, profiles: dict[str, str] | None = None) -> list:
@@ -80,7 +74,7 @@ def tensorrt_options(cache_dir: Path | None, profiles: dict[str, str] | None) ->
         options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
                        trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
     options.update(profiles or {})
-    return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [(PROVIDERS["tensorrt"][0], options), *PROVIDERS["tensorrt"][1:]]
 
 
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,

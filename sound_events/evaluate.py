@@ -3,12 +3,15 @@ Runtime), exact match per task and per class, and the artifact-vs-reference repo
 adds for artifacts of this model."""
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from moss_edge.runtime.audio import log_mel
+from moss_edge.runtime.generation import generate_tokens
+from moss_edge.runtime.inference import Inference
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids
+from moss_edge.runtime.sampling import SamplingOptions
 from moss_edge.sound_events.task import SYSTEM, TASKS, build_tokenizer, make_example, normalise
 
 
@@ -31,55 +34,33 @@ def evaluate(answer, n: int = 300, seed: int = 1234) -> dict:
             "per_task": {t: mean(v) for t, v in per_task.items()}, "per_class": {c: mean(v) for c, v in sorted(per_class.items())}}
 
 
-def artifact_answerer(pipe, no_deepstack: bool = False, max_new_tokens: int = 48):
-    """example -> answer text through the runtime (ONNX Runtime), greedy."""
-    from moss_edge.runtime.generation import generate_tokens
-    from moss_edge.runtime.sampling import SamplingOptions
-
-    opts, tok = SamplingOptions(max_new_tokens=max_new_tokens), pipe.tokenizer
-
-    def answer(example):
-        features = pipe.encode([example.wave])
-        if no_deepstack:
-            features.deepstack = np.zeros_like(features.deepstack)
-        prompt = chat_prompt_ids(tok, example.question, features.clip_tokens, pipe.ids, SYSTEM)
-        return tok.decode(list(generate_tokens(lambda: pipe.prefill(prompt, features), pipe.decoder.step, opts, pipe.ids.stop)))
-    return answer
-
-
-def reference_answerer(ref, tok: TextTokenizer, no_deepstack: bool = False, max_new_tokens: int = 48):
-    """example -> answer text through the PyTorch reference, greedy."""
-    from moss_edge.runtime.sampling import SamplingOptions
-
+def answerer(model: Inference, tok: TextTokenizer, deepstack: bool = True, time_markers: bool = True,
+             max_new_tokens: int = 48):
+    """example -> answer text, greedy, from any model (ONNX Runtime artifact or PyTorch
+    reference); deepstack=False and time_markers=False are the ablations."""
     opts = SamplingOptions(max_new_tokens=max_new_tokens)
+    ids = replace(model.ids, time_markers=time_markers)
 
     def answer(example):
-        features = ref.encode([log_mel(example.wave)])
-        if no_deepstack:
-            features.deepstack = np.zeros_like(features.deepstack)
-        prompt = chat_prompt_ids(tok, example.question, features.clip_tokens, ref.ids, SYSTEM)
-        return tok.decode(list(ref.generate(prompt, features, opts)))
+        features = model.encode([example.wave])
+        prompt = chat_prompt_ids(tok, example.question, features.clip_tokens, ids, SYSTEM)
+        return tok.decode(list(generate_tokens(model, prompt, features, opts, deepstack=deepstack)))
     return answer
 
 
-def answerer(path: str | Path, no_deepstack: bool = False, no_markers: bool = False, max_new_tokens: int = 48):
-    """example -> answer text, from a checkpoint (PyTorch reference, fp32) or an artifact
-    (ONNX Runtime), optionally with DeepStack zeroed or time markers off (ablations)."""
+def load_model(path: str | Path) -> tuple[Inference, TextTokenizer]:
+    """A checkpoint (PyTorch reference, fp32) or an artifact (ONNX Runtime), and its tokenizer."""
     path = Path(path)
     if (path / "manifest.json").is_file():
         from moss_edge.runtime.pipeline import Pipeline
 
         pipe = Pipeline.load(path)
-        pipe.ids.time_markers = not no_markers
-        return artifact_answerer(pipe, no_deepstack, max_new_tokens)
-
+        return pipe, pipe.tokenizer
     import torch
 
     from moss_edge.export.reference import ReferencePipeline
 
-    ref = ReferencePipeline.load(path, torch.float32)
-    ref.ids.time_markers = not no_markers
-    return reference_answerer(ref, TextTokenizer.from_dir(path), no_deepstack, max_new_tokens)
+    return ReferencePipeline.load(path, torch.float32), TextTokenizer.from_dir(path)
 
 
 def task_accuracy(pipe, reference, n: int = 100) -> dict | None:
@@ -89,8 +70,8 @@ def task_accuracy(pipe, reference, n: int = 100) -> dict | None:
 
     if pipe.tokenizer is None or pipe.tokenizer.tokenizer.get_vocab() != build_tokenizer().get_vocab():
         return None
-    art = evaluate(artifact_answerer(pipe), n)
-    ref = evaluate(reference_answerer(ReferencePipeline(reference, pipe.ids), pipe.tokenizer), n)
+    art = evaluate(answerer(pipe, pipe.tokenizer), n)
+    ref = evaluate(answerer(ReferencePipeline(reference, pipe.ids), pipe.tokenizer), n)
     return {"n": n, "artifact": art, "reference": ref,
             "exact_match_drop": ref["exact_match"] - art["exact_match"],
             "event_list_drop": ref["event_list_exact_match"] - art["event_list_exact_match"]}

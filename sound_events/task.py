@@ -10,13 +10,15 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from moss_edge.runtime.audio import SAMPLE_RATE
+from moss_edge.runtime.prompt import SPECIAL_TOKENS
 
 SR = SAMPLE_RATE
 CLASSES = ("low tone", "mid tone", "high tone", "rising sweep", "falling sweep", "noise burst", "click train", "chord")
 TASKS = ("list", "when", "count", "at")
 MAX_EVENTS = 4
 SYSTEM = "You are a helpful assistant."
-SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+SPECIALS = tuple(SPECIAL_TOKENS[role] for role in ("end_of_text", "turn_start", "turn_end", "audio_token", "audio_start",
+                                                   "audio_end"))
 
 
 @dataclass

@@ -1,27 +1,28 @@
 """Train a small MOSS-Audio (the real architecture) on the time-aware sound-event task, on CPU."""
 
-import json
 import math
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from moss_edge.export.config import AudioConfig, LanguageConfig, MossAudioConfig
 from moss_edge.export.model import MossAudio
 from moss_edge.export.synthetic import _init
-from moss_edge.export.writer import staged_dir
+from moss_edge.export.writer import write_checkpoint
 from moss_edge.runtime.audio import chunk_mels, log_mel
-from moss_edge.runtime.prompt import TOKENS_PER_SECOND, TextTokenizer, TokenIds, chat_prompt_ids
+from moss_edge.runtime.audio import TOKENS_PER_SECOND
+from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.prompt import SPECIAL_TOKENS, TextTokenizer, TokenIds, chat_prompt_ids
 from moss_edge.sound_events.task import CLASSES, SYSTEM, build_tokenizer, make_clip, training_questions
 
 
-def tiny_config(vocab_size: int) -> MossAudioConfig:
+def sound_event_config(vocab_size: int) -> MossAudioConfig:
+    """The sizes of the trained sound-event model (not the random test preset `synthetic.preset("tiny")`)."""
     return MossAudioConfig(
         audio=AudioConfig(d_model=128, output_dim=128, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=256,
                           downsample_hidden_size=32, deepstack_encoder_layer_indexes=[1, 2, 3]),
@@ -32,9 +33,9 @@ def tiny_config(vocab_size: int) -> MossAudioConfig:
 
 
 def token_ids(tok) -> TokenIds:
-    get = tok.token_to_id
-    return TokenIds(audio_token=get("<|AUDIO|>"), audio_start=get("<|audio_bos|>"), audio_end=get("<|audio_eos|>"),
-                    stop=[get("<|im_end|>"), get("<|endoftext|>")])
+    get = lambda role: tok.token_to_id(SPECIAL_TOKENS[role])  # noqa: E731
+    return TokenIds(audio_token=get("audio_token"), audio_start=get("audio_start"), audio_end=get("audio_end"),
+                    stop=[get("turn_end"), get("end_of_text")])
 
 
 PROBE_LAYER = 1  # the decoder layer whose audio positions the training probes read
@@ -72,10 +73,10 @@ def clips_loss(model: MossAudio, probes: Probes, tok: TextTokenizer, ids: TokenI
     returns (loss to minimise, {answer cross-entropy, time-probe accuracy})."""
     batch = chunk_mels([log_mel(wave) for wave, _ in clips], model.cfg.audio.chunk_frames)
     n = batch.clip_tokens[0]
-    assert all(c == n for c in batch.clip_tokens), "clips of one step must have equal length"
-    tokens, taps = model.audio_encoder(torch.from_numpy(batch.mel), torch.from_numpy(batch.frames))
-    valid = torch.arange(tokens.shape[1])[None, :] < torch.from_numpy(batch.tokens)[:, None]
-    embeds, deepstack = model.adapt(tokens[valid], taps[:, valid])
+    if any(c != n for c in batch.clip_tokens):
+        raise MossEdgeError(f"the clips of one training step must have equal length; got {batch.clip_tokens} tokens")
+    _, _, embeds, deepstack = model.encode_audio(torch.from_numpy(batch.mel), torch.from_numpy(batch.frames),
+                                                 torch.from_numpy(batch.tokens))
 
     lm = model.language_model
     full = chat_prompt_ids(tok, "", [n], ids, SYSTEM)
@@ -129,7 +130,7 @@ def train_tiny(out_dir: str | Path, minutes: float = 28.0, max_steps: int | None
     raw = build_tokenizer()
     tok, ids = TextTokenizer(raw), token_ids(raw)
     vocab = 64 * math.ceil(raw.get_vocab_size() / 64)
-    cfg = tiny_config(vocab)
+    cfg = sound_event_config(vocab)
     model = MossAudio(cfg)
     probes = Probes(cfg.language.hidden_size)
     start_weights = load_file(str(Path(resume) / "model.safetensors")) if resume else None
@@ -165,24 +166,14 @@ def train_tiny(out_dir: str | Path, minutes: float = 28.0, max_steps: int | None
             "seed": seed, "resumed_from": str(resume) if resume else None,
             "final_answer_loss": float(np.mean([m["answer_loss"] for m in recent])),
             "final_time_probe_accuracy": float(np.mean([m["time_probe"] for m in recent]))}
-    return write_checkpoint(out_dir, model, raw, info)
+    return write_trained_checkpoint(out_dir, model, raw, info)
 
 
-def write_checkpoint(out_dir: str | Path, model: MossAudio, raw_tokenizer, info: dict) -> Path:
-    """A Hugging Face layout checkpoint (fp32 safetensors, config, tokenizer, processor and
-    generation configs, training.json), written beside out_dir and renamed into place."""
-    out = Path(out_dir)
-    with staged_dir(out) as tmp:
-        ids = token_ids(raw_tokenizer)
-        params = dict(model.named_parameters())
-        save_file({k: v.detach().contiguous() for k, v in params.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = model.cfg.to_hf_dict()
-        config["dtype"] = "float32"
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        raw_tokenizer.save(str(tmp / "tokenizer.json"))
-        (tmp / "processor_config.json").write_text(json.dumps(
-            {"audio_token_id": ids.audio_token, "audio_start_id": ids.audio_start, "audio_end_id": ids.audio_end,
-             "enable_time_marker": True}, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": ids.stop[1], "eos_token_id": ids.stop[0]}))
-        (tmp / "training.json").write_text(json.dumps(info, indent=2))
-    return out
+def write_trained_checkpoint(out_dir: str | Path, model: MossAudio, raw_tokenizer, info: dict) -> Path:
+    """The trained model as a Hugging Face layout checkpoint (fp32), with training.json."""
+    params = dict(model.named_parameters())
+    config = model.cfg.to_hf_dict()
+    config["dtype"] = "float32"
+    return write_checkpoint(Path(out_dir), config, [list(params)], lambda name: params[name].detach().contiguous(),
+                            token_ids(raw_tokenizer), lambda folder: raw_tokenizer.save(str(folder / "tokenizer.json")),
+                            {"training.json": info})

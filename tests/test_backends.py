@@ -8,6 +8,7 @@ import pytest
 
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.pipeline import Pipeline
+from moss_edge.runtime.graphs import Dims
 from moss_edge.runtime.session import ShapeLimits, provider_list, tensorrt_options, trt_profiles
 
 
@@ -19,7 +20,7 @@ def test_trt_profiles_cover_every_input_within_limits(synthetic_artifact):
     manifest = json.loads((synthetic_artifact / "manifest.json").read_text())
     limits = ShapeLimits(max_chunks=16, max_prompt=600, max_context=1000)
     for graph in ("encoder", "adapter", "decoder"):
-        profiles = trt_profiles(graph, manifest["model"], limits)
+        profiles = trt_profiles(graph, Dims.from_manifest(manifest["model"]), limits)
         lo, opt, hi = (_parse(profiles[f"trt_profile_{k}_shapes"]) for k in ("min", "opt", "max"))
         inputs = manifest["graphs"][graph]["inputs"]
         assert set(lo) == set(opt) == set(hi) == {i["name"] for i in inputs}
@@ -30,7 +31,7 @@ def test_trt_profiles_cover_every_input_within_limits(synthetic_artifact):
                 assert a <= b <= c
                 if isinstance(spec["shape"][d], int) and spec["shape"][d] > 0:  # static dims stay exact
                     assert a == b == c == spec["shape"][d]
-    decoder = _parse(trt_profiles("decoder", manifest["model"], limits)["trt_profile_max_shapes"])
+    decoder = _parse(trt_profiles("decoder", Dims.from_manifest(manifest["model"]), limits)["trt_profile_max_shapes"])
     assert decoder["input_ids"] == [1, 600] and decoder["past_key_0"][2] == 1000
 
 

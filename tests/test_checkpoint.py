@@ -9,8 +9,9 @@ from safetensors.torch import load_file, save_file
 from moss_edge.export.checkpoint import load_model
 from moss_edge.export.config import load_config
 from moss_edge.export.reference import ReferencePipeline
-from moss_edge.runtime.audio import load_audio, log_mel
+from moss_edge.runtime.audio import load_audio
 from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.generation import generate_tokens
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids
 from moss_edge.runtime.sampling import SamplingOptions
 
@@ -30,8 +31,8 @@ def test_bf16_sharded_loads_and_runs(synthetic_checkpoint, upstream):
     assert bf16.model.lm_head.weight.dtype == torch.bfloat16
     assert len(bf16.model.deepstack_audio_merger_list) == 2
     fp32 = ReferencePipeline.load(synthetic_checkpoint, dtype=torch.float32)
-    mel = log_mel(load_audio(upstream["audio"]))[:, :450]
-    a16, a32 = bf16.encode([mel]), fp32.encode([mel])
+    wave = load_audio(upstream["audio"])[: 450 * 160]  # 450 mel frames: a full chunk and a tail
+    a16, a32 = bf16.encode([wave]), fp32.encode([wave])
     assert a32.taps.shape == (3, 57, 48)  # out_proj applied to the taps too
     assert a32.deepstack.shape == (2, 57, 64)
     # bf16 follows fp32 to bf16 precision, and the activations stay O(1)
@@ -91,11 +92,10 @@ def test_missing_shard(synthetic_checkpoint, tmp_path):
 
 def test_generation_sampling_is_seeded(synthetic_checkpoint, upstream):
     pipe = ReferencePipeline.load(synthetic_checkpoint, dtype=torch.float32)
-    mel = log_mel(load_audio(upstream["audio"]))[:, :200]
-    audio = pipe.encode([mel])
+    audio = pipe.encode([load_audio(upstream["audio"])[: 200 * 160]])
     ids = chat_prompt_ids(TextTokenizer.from_dir(synthetic_checkpoint), "Describe.", audio.clip_tokens, pipe.ids)
     opts = SamplingOptions(max_new_tokens=12, temperature=1.0, top_k=50, seed=7)
-    first = list(pipe.generate(ids, audio, opts))
-    assert first == list(pipe.generate(ids, audio, opts))
-    greedy = list(pipe.generate(ids, audio, SamplingOptions(max_new_tokens=12)))
+    first = list(generate_tokens(pipe, ids, audio, opts))
+    assert first == list(generate_tokens(pipe, ids, audio, opts))
+    greedy = list(generate_tokens(pipe, ids, audio, SamplingOptions(max_new_tokens=12)))
     assert first != greedy  # a random model at temperature 1 does not follow argmax for 12 steps

@@ -4,18 +4,20 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
+from moss_edge.export.checkpoint import load_model
 from moss_edge.export.reference import ReferencePipeline
 from moss_edge.runtime.audio import load_audio, log_mel
 from moss_edge.runtime.prompt import expand_audio_spans
+from moss_edge.runtime.generation import generate_tokens
 from moss_edge.runtime.sampling import SamplingOptions
 
 
 @pytest.fixture(scope="module")
 def run(upstream):
-    pipe = ReferencePipeline.load(upstream["checkpoint"])
-    pipe.ids = upstream["ids"]  # the fixture's custom ids (it ships no processor_config.json)
-    mel = log_mel(load_audio(upstream["audio"]))
-    return pipe, mel, pipe.encode([mel])
+    # the fixture's custom ids (it ships no processor_config.json)
+    pipe = ReferencePipeline(load_model(upstream["checkpoint"]), upstream["ids"])
+    wave = load_audio(upstream["audio"])
+    return pipe, log_mel(wave), pipe.encode([wave])
 
 
 def test_waveform_and_mel(upstream, run):
@@ -54,5 +56,5 @@ def test_prefill_logits(upstream, run):
 
 def test_greedy_tokens_with_kv_cache(upstream, run):
     pipe, _, audio = run
-    tokens = list(pipe.generate(upstream["npz"]["input_ids"].tolist(), audio, SamplingOptions(max_new_tokens=24)))
+    tokens = list(generate_tokens(pipe, upstream["npz"]["input_ids"].tolist(), audio, SamplingOptions(max_new_tokens=24)))
     assert tokens == upstream["json"]["greedy_new_ids"]

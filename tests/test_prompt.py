@@ -2,9 +2,10 @@ import json
 
 import pytest
 
+from moss_edge.export.checkpoint import read_token_ids
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.prompt import (TextTokenizer, TokenIds, audio_span, chat_prompt_ids,
-                                      expand_audio_spans, read_token_ids)
+                                      expand_audio_spans)
 from moss_edge.runtime.sampling import split_thinking
 
 IDS = TokenIds()

@@ -4,10 +4,10 @@ import pytest
 
 from moss_edge.calibration.activations import decoder_input_stats
 from moss_edge.calibration.dataset import build_samples, find_audio
-from moss_edge.export.verify import verify_artifact
+from moss_edge.export.verify import Verifier, verify_artifact
 from moss_edge.sound_events.evaluate import task_report
 from moss_edge.quantize.artifact import quantize_artifact
-from moss_edge.quantize.plan import weight_plan
+from moss_edge.quantize.plan import plan_graph
 from moss_edge.quantize.recipe import load_recipe
 from moss_edge.quantize.weights import (_weighted_error, awq_quantize, dequantize_blocked, pack_int4,
                                         quantize_blocked)
@@ -62,7 +62,7 @@ def quantized(synthetic_artifact, synthetic_checkpoint, recipe_files, tmp_path_f
     out = {}
     for name, spec in (("int8", "int8"), ("int4-rtn", recipe_files["int4-rtn"]), ("int4-awq", recipe_files["int4-awq"])):
         out[name] = quantize_artifact(synthetic_artifact, root / name, load_recipe(spec), cache_dir=root / "cache",
-                                      verify=verify, log=lambda m: None)
+                                      verify=verify, log=lambda m: None).path
     return out
 
 
@@ -87,7 +87,7 @@ def test_ort_runs_quantized_kernels(quantized):
 
 def test_int4_size(synthetic_artifact, tmp_path):
     # blocks of 128 rows (the presets): INT4 data + one fp32 scale per block
-    out = quantize_artifact(synthetic_artifact, tmp_path / "int4", load_recipe("int4"), log=lambda m: None)
+    out = quantize_artifact(synthetic_artifact, tmp_path / "int4", load_recipe("int4"), verify=False, log=lambda m: None).path
     sizes = json.loads((out / "manifest.json").read_text())["quantization"]["weight_bytes"]
     assert 0.25 < sizes["decoder"]["int4"]["ratio_to_fp16"] <= 0.30
 
@@ -114,11 +114,11 @@ def test_calibration_selection_is_deterministic(tmp_path):
 def test_activation_stats_are_cached(synthetic_artifact, tmp_path):
     recipe = load_recipe("int4-awq").graphs["decoder"]
     recipe.block = 32
-    weights = list(weight_plan(synthetic_artifact / "decoder.onnx", recipe))
+    plan = plan_graph(synthetic_artifact / "decoder.onnx", "decoder", recipe)
     samples = build_samples(find_audio(None), 2)
-    first = decoder_input_stats(synthetic_artifact, weights, samples, tmp_path)
+    first = decoder_input_stats(synthetic_artifact, plan.model, list(plan.rules), samples, tmp_path)
     assert len(list(tmp_path.glob("decoder-stats-*.npz"))) == 1
-    again = decoder_input_stats(synthetic_artifact, weights, samples, tmp_path)
+    again = decoder_input_stats(synthetic_artifact, plan.model, list(plan.rules), samples, tmp_path)
     assert first.keys() == again.keys()
     assert all(np.array_equal(first[k]["sq"], again[k]["sq"]) for k in first)
     assert all((v["sq"] >= v["abs"] ** 2 - 1e-5).all() for v in first.values())  # E[x^2] >= E[|x|]^2
@@ -129,10 +129,10 @@ def test_bad_inputs_leave_nothing_behind(synthetic_artifact, recipe_files, tmp_p
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(MossEdgeError, match="no audio files"):
-        quantize_artifact(synthetic_artifact, out, load_recipe(recipe_files["int4-awq"]), calibration=str(empty))
+        quantize_artifact(synthetic_artifact, out, load_recipe(recipe_files["int4-awq"]), calibration=str(empty), verify=False)
     (empty / "broken.wav").write_text("not audio")
     with pytest.raises(MossEdgeError, match="not readable audio"):
-        quantize_artifact(synthetic_artifact, out, load_recipe(recipe_files["int4-awq"]), calibration=str(empty))
+        quantize_artifact(synthetic_artifact, out, load_recipe(recipe_files["int4-awq"]), calibration=str(empty), verify=False)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"decoder": {"precision": "int4"}, "vision_tower": {"precision": "int8"}}))
     with pytest.raises(MossEdgeError, match="vision_tower"):
@@ -159,7 +159,7 @@ def test_keep_until_pass_promotes_the_most_sensitive_weights(synthetic_artifact,
         return {"summary": {"passed": len(kept) >= 2, "kept": len(kept)}}
 
     out = quantize_artifact(synthetic_artifact, tmp_path / "kept", load_recipe(recipe_files["int4-rtn"]),
-                            verify=verify, keep_until_pass=True, log=lambda m: None)
+                            verify=verify, keep_until_pass=True, log=lambda m: None).path
     assert calls == [0, 1, 2]
     manifest = json.loads((out / "manifest.json").read_text())
     kept = manifest["quantization"]["kept_more_precise"]
@@ -176,9 +176,11 @@ def test_fixture_quantized_int8_and_int4(fixture_artifact, upstream, tmp_path):
     int4.write_text(json.dumps({**INT4, "decoder": {**INT4["decoder"], "block": 16}}))
     for name, spec in (("int8", "int8"), ("int4", str(int4))):
         out = quantize_artifact(fixture_artifact, tmp_path / name, load_recipe(spec),
-                                verify=lambda d: verify_artifact(d, upstream["checkpoint"], steps=32), log=lambda m: None)
-        parity = json.loads((out / "manifest.json").read_text())["parity"]
-        assert parity["passed"], parity
+                                verify=Verifier(steps=32), log=lambda m: None)
+        # the default reference: the checkpoint the artifact records, checked, loaded once
+        assert out.report["summary"] == out.manifest["parity"] and out.passed, out.manifest["parity"]
+        assert json.loads((out.path / "manifest.json").read_text()) == out.manifest
+        out = out.path
         tokens = Pipeline.load(out).generate(upstream["audio"], [upstream["ids"].audio_start, upstream["ids"].audio_end],
                                              max_new_tokens=8).tokens
         assert len(tokens) <= 8
@@ -189,7 +191,7 @@ def test_w8a8_static_qdq_for_tensorrt(synthetic_artifact, synthetic_checkpoint, 
     spec.write_text(json.dumps({"encoder": {"precision": "w8a8"}, "adapter": {"precision": "w8a8", "activations": "minmax"},
                                 "decoder": {"precision": "int4", "block": 32}, "calibration_samples": 3}))
     out = quantize_artifact(synthetic_artifact, tmp_path / "w8a8", load_recipe(str(spec)),
-                            verify=lambda d: verify_artifact(d, synthetic_checkpoint, steps=16), log=lambda m: None)
+                            verify=lambda d: verify_artifact(d, synthetic_checkpoint, steps=16), log=lambda m: None).path
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parity"]["passed"], manifest["parity"]
     assert manifest["backends"] == ["cpu", "cuda", "tensorrt"]

@@ -3,6 +3,7 @@ import pytest
 
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens, stream_text
+from moss_edge.runtime.prompt import TokenIds
 from moss_edge.runtime.sampling import SamplingOptions, next_token
 
 LOGITS = np.array([0.0, 3.0, 2.9, -1.0, 1.0])
@@ -23,16 +24,31 @@ def test_top_k_and_top_p_restrict_the_support():
     assert picks <= {1, 2, 4} and len(picks) >= 2
 
 
+class Scripted:
+    """An Inference whose logits come from a list, one per call; records what it was fed."""
+
+    def __init__(self, logits, stop=(0,)):
+        self.logits, self.fed = iter(logits), []
+        self.ids = TokenIds(stop=list(stop))
+
+    def prefill(self, prompt_ids, audio, deepstack=True):
+        self.fed.append(("prefill", deepstack))
+        return np.array(next(self.logits), float)
+
+    def step(self, token):
+        self.fed.append(token)
+        return np.array(next(self.logits), float)
+
+
 def test_stop_and_max_new_tokens():
-    script = iter([[0, 0, 9], [0, 9, 0], [9, 0, 0]])
-    out = list(generate_tokens(lambda: np.array(next(script)), lambda t: np.array(next(script)),
-                               SamplingOptions(max_new_tokens=10), stop_ids=[0]))
-    assert out == [2, 1]
-    counting = list(generate_tokens(lambda: np.array([0, 1.0]), lambda t: np.array([0, 1.0]),
-                                    SamplingOptions(max_new_tokens=5), stop_ids=[]))
-    assert counting == [1] * 5
+    model = Scripted([[0, 0, 9], [0, 9, 0], [9, 0, 0]])
+    assert list(generate_tokens(model, [], None, SamplingOptions(max_new_tokens=10))) == [2, 1]  # the model's stop id
+    assert model.fed == [("prefill", True), 2, 1]
+    counting = Scripted([[0, 1.0]] * 5)
+    assert list(generate_tokens(counting, [], None, SamplingOptions(max_new_tokens=5), stop_ids=[], deepstack=False)) == [1] * 5
+    assert counting.fed == [("prefill", False), 1, 1, 1, 1]  # no step after the last token
     with pytest.raises(MossEdgeError):
-        list(generate_tokens(lambda: LOGITS, lambda t: LOGITS, SamplingOptions(top_p=0), []))
+        list(generate_tokens(Scripted([LOGITS]), [], None, SamplingOptions(top_p=0)))
 
 
 def test_stream_text_waits_for_whole_characters():
