@@ -270,6 +270,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
         else:
             log("checking parity against the PyTorch model")
             report = Verifier(load_model(checkpoint_dir, torch.float32), steps=verify_steps)(tmp)
+            report["artifact"] = str(out)  # checked in the staging folder, reported where it will live
             manifest["parity"] = report["summary"]
             (tmp / "parity.json").write_text(json.dumps(report, indent=2))
             manifest["parity_report"] = "parity.json"

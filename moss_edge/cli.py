@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="compare an artifact with the PyTorch reference",
                        epilog="example: moss-edge verify moss-4b-int4 --reference MOSS-Audio-4B-Instruct --json parity.json")
     p.add_argument("artifact")
-    p.add_argument("--reference", required=True, help="the checkpoint the artifact came from")
+    p.add_argument("--reference", help="the checkpoint the artifact came from (default: the path its manifest records)")
     p.add_argument("--audio", action="append", help="audio file(s) to check on (default: a bundled recording)")
     p.add_argument("--steps", type=int, default=32, help="decode steps compared")
     p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")

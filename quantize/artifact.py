@@ -193,6 +193,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
         if keep_until_pass and not report["summary"]["passed"] and plans["decoder"].rules:
             manifest, report = keep_more_precise_until_pass(src, tmp, recipe, plans, calib, written, verify, log)
         if report is not None:
+            report["artifact"] = str(out)  # checked in the staging folder, reported where it will live
             manifest["parity"] = report["summary"]
             (tmp / "parity.json").write_text(json.dumps(report, indent=2))
             manifest["parity_report"] = "parity.json"
