@@ -135,7 +135,8 @@ def extrapolate(by_depth: dict[int, dict], full_encoder: int, full_decoder: int)
 def run_bench(preset: str, depths: list[int], workdir: Path, settings: BenchSettings, recipes: list[str] = (),
               opset: int = 21, log=print) -> dict:
     """Synthetic checkpoints at the preset's widths and each depth, their fp32 artifacts, and
-    every backend timed on each; then the extrapolation to full depth and the ratios."""
+    every backend timed on each (each artifact verified against the PyTorch model as it is made,
+    its parity recorded beside its timings); then the extrapolation to full depth and the ratios."""
     from moss_edge.export.onnx_export import export_artifact
     from moss_edge.quantize.artifact import quantize_artifact
     from moss_edge.quantize.recipe import load_recipe
@@ -145,6 +146,7 @@ def run_bench(preset: str, depths: list[int], workdir: Path, settings: BenchSett
     full = make_preset(preset)
     runs: dict[str, dict[int, dict]] = {}
     sizes: dict[str, dict[int, float]] = {}
+    parity: dict[str, dict[int, dict]] = {}
     for depth in depths:
         checkpoint = workdir / f"{preset}-{depth}l-checkpoint"
         if not checkpoint.exists():
@@ -153,21 +155,22 @@ def run_bench(preset: str, depths: list[int], workdir: Path, settings: BenchSett
         artifact = workdir / f"{preset}-{depth}l-fp32-opset{opset}"
         if not artifact.exists():
             log(f"exporting {checkpoint.name}")
-            export_artifact(checkpoint, artifact, opset=opset, verify_steps=0, log=lambda m: None)
+            export_artifact(checkpoint, artifact, opset=opset, log=lambda m: None)
         variants = [("torch-bf16", checkpoint), ("torch-fp32", checkpoint), ("ort-fp32", artifact)]
         for recipe in recipes:
             quantized = workdir / f"{preset}-{depth}l-{recipe}-opset{opset}"
             if not quantized.exists():
                 log(f"quantizing {artifact.name} with {recipe}")
-                quantize_artifact(artifact, quantized, load_recipe(recipe), cache_dir=workdir / "cache", verify=False,
-                                  log=lambda m: None)
+                quantize_artifact(artifact, quantized, load_recipe(recipe), cache_dir=workdir / "cache", log=lambda m: None)
             variants.append((f"ort-{recipe}", quantized))
         for backend, path in variants:
             log(f"timing {backend} at {depth} layers")
             runs.setdefault(backend, {})[depth] = run_worker("ort" if backend.startswith("ort") else backend, path, settings)
             sizes.setdefault(backend, {})[depth] = directory_mib(path)
+            if backend.startswith("ort"):  # what was timed was also checked against the PyTorch model
+                parity.setdefault(backend, {})[depth] = json.loads((path / "manifest.json").read_text())["parity"]
     result = {"preset": preset, "depths": depths, "opset": opset, "settings": asdict(settings), "runs": runs,
-              "size_mib": sizes}
+              "size_mib": sizes, "parity": parity}
     if len(depths) >= 2:
         result["extrapolated"] = {b: extrapolate(r, full.audio.encoder_layers, full.language.num_hidden_layers)
                                   for b, r in runs.items()}
