@@ -229,11 +229,11 @@ def cmd_train_tiny(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from moss_edge.sound_events.evaluate import answerer, evaluate, load_model
+    from moss_edge.sound_events.evaluate import answerer, evaluate, model_and_tokenizer
 
     if not Path(args.path).exists():
         raise MossEdgeError(f"{args.path} not found: give a checkpoint folder or an artifact folder")
-    model, tok = load_model(args.path)
+    model, tok = model_and_tokenizer(args.path)
     result = evaluate(answerer(model, tok, deepstack=not args.no_deepstack, time_markers=not args.no_markers),
                       n=args.n, seed=args.seed)
     result.update(path=str(args.path), no_deepstack=args.no_deepstack, no_markers=args.no_markers)

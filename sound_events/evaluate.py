@@ -48,7 +48,7 @@ def answerer(model: Inference, tok: TextTokenizer, deepstack: bool = True, time_
     return answer
 
 
-def load_model(path: str | Path) -> tuple[Inference, TextTokenizer]:
+def model_and_tokenizer(path: str | Path) -> tuple[Inference, TextTokenizer]:
     """A checkpoint (PyTorch reference, fp32) or an artifact (ONNX Runtime), and its tokenizer."""
     path = Path(path)
     if (path / "manifest.json").is_file():

@@ -1,6 +1,7 @@
 """GPU backends: settings and shape profiles are checked here; runs happen where the hardware is."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -8,7 +9,7 @@ import pytest
 
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.pipeline import Pipeline
-from moss_edge.runtime.graphs import Dims
+from moss_edge.runtime.graphs import GRAPHS, Dims, graph_spec, mismatches
 from moss_edge.runtime.session import ShapeLimits, provider_list, tensorrt_options, trt_profiles
 
 
@@ -57,3 +58,23 @@ def test_cuda_matches_cpu(synthetic_artifact, upstream):
     prompt = cpu.prompt_ids("Describe the audio.", features.clip_tokens)
     a, b = cpu.prefill(prompt, features), cuda.prefill(prompt, cuda.encode([upstream["audio"]]))
     assert np.abs(a - b).max() / np.abs(a).max() < 1e-3
+
+
+def test_exported_graphs_follow_the_graph_contract(synthetic_artifact):
+    """Export takes names and dynamic axes from runtime/graphs.py, and the manifest's sizes fix
+    the rest: the recorded inputs equal the contract exactly, outputs up to derived axes."""
+    manifest = json.loads((synthetic_artifact / "manifest.json").read_text())
+    dims = Dims.from_manifest(manifest["model"])
+    for name in GRAPHS:
+        spec, recorded = graph_spec(name, dims), manifest["graphs"][name]
+        assert [(i["name"], tuple(i["shape"])) for i in recorded["inputs"]] == [(t.name, t.shape) for t in spec.inputs]
+        assert [o["name"] for o in recorded["outputs"]] == [t.name for t in spec.outputs]
+        for output, wanted in zip(recorded["outputs"], spec.outputs):
+            assert [a if isinstance(w, int) else "dynamic" for a, w in zip(output["shape"], wanted.shape, strict=True)] == \
+                   [w if isinstance(w, int) else "dynamic" for w in wanted.shape], output["name"]
+    wrong = graph_spec("decoder", replace(dims, hidden_size=dims.hidden_size + 1))
+    shapes = {i["name"]: i["shape"] for i in manifest["graphs"]["decoder"]["inputs"]}
+    assert mismatches(wrong, shapes) == [f"audio_embeds dim 2 is {dims.hidden_size}, the manifest says {dims.hidden_size + 1}",
+                                         f"deepstack_embeds dim 3 is {dims.hidden_size}, the manifest says {dims.hidden_size + 1}"]
+    fewer = graph_spec("decoder", replace(dims, num_hidden_layers=dims.num_hidden_layers - 1))
+    assert mismatches(fewer, shapes)[-1].startswith("inputs past_key_") and len(mismatches(fewer, shapes)) == 1

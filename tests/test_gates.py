@@ -13,10 +13,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from moss_edge.cli import _print_summary, main
-from moss_edge.export.verify import THRESHOLDS, decode_figures, gate, report_markdown
+from moss_edge.export.verify import THRESHOLDS, Verifier, decode_figures, gate, report_markdown
 from moss_edge.quantize.artifact import quantize_artifact
 from moss_edge.quantize.plan import FLOAT_TYPES
 from moss_edge.quantize.recipe import PRESETS
+from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.pipeline import ParityWarning, Pipeline
 
 
@@ -83,6 +84,14 @@ def test_nan_weight_fails_every_gate(nan_checkpoint, synthetic_checkpoint, tmp_p
     # against a checkpoint it was not exported from: said up front, not failed inside ONNX Runtime
     assert main(["verify", str(int4), "--reference", str(synthetic_checkpoint)]) == 2
     assert "is not the checkpoint" in capsys.readouterr().err
+    # without --reference, the checkpoint the manifest records: found, compared, and failed again
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", str(int4), "--steps", "4", "--task-examples", "0"])
+    assert exit_.value.code == 1 and "NaN or infinite" in capsys.readouterr().out
+    # from Python as from the CLI, a wrong reference is refused before any quantization work
+    with pytest.raises(MossEdgeError, match="is not the checkpoint"):
+        quantize_artifact(fp32, tmp_path / "again", PRESETS["int4"](), verify=Verifier(synthetic_checkpoint))
+    assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again.*"))
 
 
 def test_steps_that_are_all_near_ties_report_no_top1():

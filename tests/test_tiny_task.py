@@ -13,7 +13,7 @@ from moss_edge.export.onnx_export import export_artifact
 from moss_edge.export.reference import ReferencePipeline
 from moss_edge.export.verify import report_markdown, verify_artifact
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids
-from moss_edge.sound_events.evaluate import answerer, evaluate, load_model, task_report
+from moss_edge.sound_events.evaluate import answerer, evaluate, model_and_tokenizer, task_report
 from moss_edge.sound_events.task import (CLASSES, SYSTEM, TASKS, Event, build_tokenizer, make_clip, make_example,
                                          normalise, training_questions)
 from moss_edge.sound_events.train import Probes, clips_loss, sound_event_config, token_ids, token_targets, train_tiny
@@ -101,7 +101,7 @@ def test_tokenizer_digits_and_round_trip():
 
 def test_training_steps_write_a_checkpoint_that_evaluates(tmp_path):
     out = train_tiny(tmp_path / "tiny", max_steps=3, batch=2, log=lambda m: None)
-    result = evaluate(answerer(*load_model(out), max_new_tokens=4), n=4)
+    result = evaluate(answerer(*model_and_tokenizer(out), max_new_tokens=4), n=4)
     assert result["n"] == 4 and 0.0 <= result["exact_match"] <= 1.0
     assert set(result["per_task"]) == set(TASKS)
     assert (out / "model.safetensors").stat().st_size < 25 * 2**20
@@ -114,7 +114,7 @@ PACKAGED = Path(moss_edge.__file__).parent / "data" / "tiny-moss"
 
 def test_packaged_model_is_small_and_answers_held_out_questions():
     assert (PACKAGED / "model.safetensors").stat().st_size < 25 * 2**20
-    result = evaluate(answerer(*load_model(PACKAGED)), n=40)
+    result = evaluate(answerer(*model_and_tokenizer(PACKAGED)), n=40)
     assert result["event_list_exact_match"] >= 0.7 and result["exact_match"] >= 0.7, result
 
 
