@@ -111,8 +111,10 @@ class DecoderRunner:
 
 
 class Pipeline:
-    """A loaded artifact. One request at a time: the decoder's KV cache is per pipeline, so
-    concurrent calls are serialised by a lock; load one Pipeline per worker for parallelism."""
+    """A loaded artifact: generate/stream for applications, and the Inference interface
+    (encode, prefill, step; runtime/inference.py) for the tools that drive models directly.
+    One request at a time: the decoder's KV cache is per pipeline, so concurrent calls are
+    serialised by a lock; load one Pipeline per worker for parallelism."""
 
     def __init__(self, artifact: Artifact, provider: str = "cpu", threads: int | None = None,
                  limits: ShapeLimits | None = None, with_decoder: bool = True):
