@@ -1,6 +1,6 @@
 """Audio front end: file -> mono 16 kHz waveform -> Whisper log-mel -> encoder chunks.
 
-numpy only, so it runs on the device. The mel matches Whisper's feature extractor (and so
+numpy and libsoxr (resampling) only, so it runs on the device. The mel matches Whisper's feature extractor (and so
 upstream MOSS-Audio): periodic Hann, centred reflect-padded frames, Slaney mel filters.
 """
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import soxr
 
 from moss_edge.runtime.errors import MossEdgeError
 
@@ -69,32 +70,12 @@ def prepare_waveform(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     return resample(samples.astype(np.float32), int(sample_rate), SAMPLE_RATE)
 
 
-def resample(x: np.ndarray, rate_in: int, rate_out: int, half_width: int = 16) -> np.ndarray:
-    """Band-limited resampling with a Kaiser-windowed sinc kernel.
-
-    The kernel's cutoff sits just below the lower of the two Nyquist rates, so downsampling
-    does not alias. Output length is round(len * rate_out / rate_in).
-    """
+def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Band-limited resampling with libsoxr ("HQ": passband to 91% of the lower Nyquist rate,
+    no aliasing to speak of): 30 s of 44.1 kHz audio in ~7 ms, ARM64 wheels included."""
     if rate_in == rate_out:
         return x.astype(np.float32, copy=False)
-    ratio = rate_out / rate_in
-    cutoff = 0.95 * min(1.0, ratio)  # fraction of the input Nyquist rate
-    width = int(np.ceil(half_width / cutoff))  # kernel half-width in input samples
-    beta = 8.6
-    n_out = int(round(len(x) * ratio))
-    padded = np.concatenate([np.zeros(width, np.float64), x.astype(np.float64), np.zeros(width + 1)])
-    taps = np.arange(-width + 1, width + 1)
-    out = np.empty(n_out, np.float32)
-    block = 16384
-    for start in range(0, n_out, block):
-        t = np.arange(start, min(start + block, n_out)) / ratio  # output times in input samples
-        base = np.floor(t).astype(np.int64)
-        idx = base[:, None] + taps[None, :]  # input sample indices
-        dist = t[:, None] - idx
-        window = np.i0(beta * np.sqrt(np.clip(1.0 - (dist / width) ** 2, 0.0, None))) / np.i0(beta)
-        kernel = cutoff * np.sinc(cutoff * dist) * window
-        out[start : start + len(t)] = np.sum(kernel * padded[idx + width], axis=1)
-    return out
+    return soxr.resample(x.astype(np.float32, copy=False), rate_in, rate_out, quality="HQ").astype(np.float32, copy=False)
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
