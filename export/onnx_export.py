@@ -13,6 +13,7 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 import torch
 from safetensors import safe_open
@@ -22,9 +23,10 @@ from moss_edge import __version__
 from moss_edge.export.checkpoint import check_checkpoint, checkpoint_hash, load_model, read_token_ids, tensor_files
 from moss_edge.export.config import dims_of, load_config
 from moss_edge.export.model import MossAudio
+from moss_edge.export.ort_decoder import write_ort_decoder
 from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
 from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, sha256_file
-from moss_edge.runtime.graphs import GRAPHS, graph_spec
+from moss_edge.runtime.graphs import GRAPHS, ORT_DECODER, graph_spec
 from moss_edge.runtime.session import PROVIDERS
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.prompt import TextTokenizer, TokenIds
@@ -148,8 +150,9 @@ def _export(module: nn.Module, args: tuple, dynamic_shapes, inputs: list[str], o
             continue
         value.const_value = lazy
         total += lazy.nbytes
-    # protobuf caps a file at 2 GB: big graphs keep their weights in one external file
-    external = f"{path.name}.data" if total > 1 << 30 else None
+    # protobuf caps a file at 2 GB: big graphs keep their weights in one external file, and so does
+    # the decoder at any size, so that decoder_ort.onnx reads the same bytes
+    external = f"{path.name}.data" if total > 1 << 30 or path.stem == "decoder" else None
     ir.save(program.model, str(path), external_data=external)
 
 
@@ -244,6 +247,9 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
     with staged_dir(out) as tmp:
         log("exporting encoder, adapter and decoder to ONNX")
         export_graphs(checkpoint_dir, cfg, ids.audio_token, tmp, opset, log)
+        log("  the decoder for ONNX Runtime's CPU provider (contrib ops, the same weights)")
+        ort_decoder = write_ort_decoder(tmp, onnx.load(str(tmp / "decoder.onnx"), load_external_data=False), dims_of(cfg), cfg.language,
+                          ids.audio_token)
         tokenizer_files = {}
         for f in TOKENIZER_FILES:
             if (checkpoint_dir / f).is_file():
@@ -257,6 +263,9 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
             "token_ids": vars(ids), "tokenizer_files": tokenizer_files, "backends": backends_for_opset(opset),
             "unfinished": "export: parity not checked yet",
         }
+        if ort_decoder is not None:
+            manifest["graphs"][ORT_DECODER] = graph_entry(tmp, ORT_DECODER, "fp32", ort_decoder)
+            manifest["decoders"] = {"cpu": ORT_DECODER}
         write_manifest(tmp, manifest)
         weights_bytes = 4 * sum(p.numel() for p in skeleton_model(cfg).parameters())
         if verify_steps == 0:

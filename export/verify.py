@@ -14,6 +14,7 @@ from moss_edge.export.reference import ReferencePipeline
 from moss_edge.runtime.audio import load_audio
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens
+from moss_edge.runtime.graphs import ORT_DECODER
 from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.pipeline import ParityWarning, Pipeline
 from moss_edge.runtime.sampling import SamplingOptions
@@ -138,11 +139,50 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                     "deepstack_embeds": compare(adapter_deepstack, ref_audio.deepstack)},
     }
     ref_tokens, ref_logits = _reference_steps(ref, prompt_ids, ref_audio, steps)
-    graphs["decoder"] = {"prefill_logits": compare(pipe.prefill(prompt_ids, ref_audio), ref_logits[0])}
+    # Every decoder graph the artifact has: the provider's own, then the others (run on CPU).
+    decoders = {pipe.decoder_graph: pipe}
+    for name in (n for n in ("decoder", ORT_DECODER) if n in pipe.artifact.manifest["graphs"] and n not in decoders):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ParityWarning)
+            decoders[name] = Pipeline(pipe.artifact, "cpu", decoder=name)
+    per_decoder = {}
+    for name, runner in decoders.items():
+        graphs[name] = {"prefill_logits": compare(runner.prefill(prompt_ids, ref_audio), ref_logits[0])}
+        per_decoder[name] = _decode_steps(runner, prompt_ids, art_audio, ref_tokens, ref_logits, steps)
+    classes = {"int8-dynamic": "int8", "w8a8": "int8"}
+    precision = max((classes.get(g["precision"], g["precision"]) for g in pipe.artifact.manifest["graphs"].values()),
+                    key=ORDER.index)
+    limits = THRESHOLDS[precision]
+    per_step, end_to_end = per_decoder[pipe.decoder_graph]
+    failures = gate(graphs, end_to_end, limits)
+    for name, (_, figures) in per_decoder.items():
+        if name != pipe.decoder_graph:
+            failures += [f"{name}: {f}" for f in gate({}, figures, limits)]
+    cosines = [m["cosine"] for o in graphs.values() for m in o.values()]
+    summary = {"passed": not failures, "precision": precision, "steps": steps, "decoder": pipe.decoder_graph,
+               "worst_cosine": float("nan") if any(np.isnan(cosines)) else min(cosines),
+               "prefill_logits_rel": graphs[pipe.decoder_graph]["prefill_logits"]["rel"],
+               "kl_mean": end_to_end["kl_mean"], "top1_agreement": end_to_end["top1_agreement"],
+               "top1_decided": end_to_end["top1_decided"],
+               "greedy_match": end_to_end["greedy_match"], "failures": failures}
+    report = {"artifact": str(artifact_dir), "audio": [str(a) for a in audio], "prompt_tokens": len(prompt_ids),
+              "graphs": graphs, "steps": per_step, "end_to_end": end_to_end,
+              "end_to_end_by_decoder": {name: figures for name, (_, figures) in per_decoder.items()},
+              "thresholds": limits, "summary": summary}
+    task = evaluate(pipe, reference) if evaluate else None
+    if task:  # reported, not gated: on a few hundred examples a point or two is sampling noise
+        report["task"] = task
+        summary.update(task_exact_match=task["artifact"]["exact_match"], task_reference_exact_match=task["reference"]["exact_match"],
+                       event_list_exact_match=task["artifact"]["event_list_exact_match"])
+    return report
 
-    # Teacher-forced on the reference tokens, from the artifact's own audio features.
+
+def _decode_steps(pipe: Pipeline, prompt_ids: list[int], audio: AudioFeatures, ref_tokens: list[int],
+                  ref_logits: list[np.ndarray], steps: int) -> tuple[list[dict], dict]:
+    """Teacher-forced on the reference tokens, from the artifact's own audio features, then
+    free-running greedy: the per-step figures and the end-to-end ones."""
     per_step = []
-    art_logits = pipe.prefill(prompt_ids, art_audio)
+    art_logits = pipe.prefill(prompt_ids, audio)
     for i, ref_step in enumerate(ref_logits):
         top2 = np.sort(ref_step)[-2:]
         err = float(np.abs(art_logits - ref_step).max())
@@ -151,28 +191,8 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                          "near_tie": bool(top2[1] - top2[0] < 2 * err)})
         if i + 1 < len(ref_logits):
             art_logits = pipe.step(ref_tokens[i])
-    art_tokens = list(generate_tokens(pipe, prompt_ids, art_audio, SamplingOptions(max_new_tokens=steps), stop_ids=[]))
-    classes = {"int8-dynamic": "int8", "w8a8": "int8"}
-    precision = max((classes.get(g["precision"], g["precision"]) for g in pipe.artifact.manifest["graphs"].values()),
-                    key=ORDER.index)
-    limits = THRESHOLDS[precision]
-    end_to_end = decode_figures(per_step, ref_tokens, art_tokens)
-    failures = gate(graphs, end_to_end, limits)
-    cosines = [m["cosine"] for o in graphs.values() for m in o.values()]
-    summary = {"passed": not failures, "precision": precision, "steps": steps,
-               "worst_cosine": float("nan") if any(np.isnan(cosines)) else min(cosines),
-               "prefill_logits_rel": graphs["decoder"]["prefill_logits"]["rel"],
-               "kl_mean": end_to_end["kl_mean"], "top1_agreement": end_to_end["top1_agreement"],
-               "top1_decided": end_to_end["top1_decided"],
-               "greedy_match": end_to_end["greedy_match"], "failures": failures}
-    report = {"artifact": str(artifact_dir), "audio": [str(a) for a in audio], "prompt_tokens": len(prompt_ids),
-              "graphs": graphs, "steps": per_step, "end_to_end": end_to_end, "thresholds": limits, "summary": summary}
-    task = evaluate(pipe, reference) if evaluate else None
-    if task:  # reported, not gated: on a few hundred examples a point or two is sampling noise
-        report["task"] = task
-        summary.update(task_exact_match=task["artifact"]["exact_match"], task_reference_exact_match=task["reference"]["exact_match"],
-                       event_list_exact_match=task["artifact"]["event_list_exact_match"])
-    return report
+    art_tokens = list(generate_tokens(pipe, prompt_ids, audio, SamplingOptions(max_new_tokens=steps), stop_ids=[]))
+    return per_step, decode_figures(per_step, ref_tokens, art_tokens)
 
 
 def decode_figures(per_step: list[dict], ref_tokens: list[int], art_tokens: list[int]) -> dict:
@@ -228,11 +248,15 @@ def report_markdown(report: dict) -> str:
         for name, m in outputs.items():
             lines.append(f"| {graph} | {name} | {m['max_abs']:.3e} | {m['rel']:.3e} | {m['cosine']:.7f} |")
     e = report["end_to_end"]
-    lines += ["", "| end to end | value |", "|---|---|",
+    lines += ["", f"| end to end ({s.get('decoder', 'decoder')}) | value |", "|---|---|",
               f"| mean KL / max KL | {e['kl_mean']:.3e} / {e['kl_max']:.3e} |",
               f"| top-1 agreement (off near-ties) | {top1_text(e['top1_agreement'], e['top1_decided'], s['steps'])} |",
               f"| greedy prefix match | {e['greedy_match']:.3f}"
               f"{' (diverged at a near-tie)' if e.get('diverged_at_near_tie') else ''} |"]
+    for name, other in report.get("end_to_end_by_decoder", {}).items():
+        if name != s.get("decoder", "decoder"):
+            lines.append(f"| {name}: mean KL / top-1 / greedy | {other['kl_mean']:.3e} / "
+                         f"{top1_text(other['top1_agreement'], other['top1_decided'], s['steps'])} / {other['greedy_match']:.3f} |")
     if "task" in report:
         t = report["task"]
         lines += ["", f"Task accuracy (sound events, {t['n']} held-out examples, exact match):", "",

@@ -16,6 +16,8 @@ import onnx
 
 from moss_edge.calibration.activations import activation_ranges, decoder_input_stats
 from moss_edge.calibration.dataset import build_samples, find_audio
+from moss_edge.export.config import parse_config
+from moss_edge.export.ort_decoder import write_ort_decoder
 from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
 from moss_edge.quantize.dynamic_int8 import quantize_dynamic_int8
 from moss_edge.quantize.graph import WeightRule, quantize_weights, weight_sensitivity
@@ -24,6 +26,7 @@ from moss_edge.quantize.plan import GraphPlan, higher_precision_weights, plan_gr
 from moss_edge.quantize.recipe import Recipe
 from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.graphs import ORT_DECODER
 
 
 @dataclass
@@ -39,6 +42,7 @@ class WrittenGraph:
     weights: dict = field(default_factory=dict)  # weight-only: initializer -> rule applied
     dynamic_int8: dict | None = None  # the dynamic INT8 format record
     promoted: dict[str, float] = field(default_factory=dict)  # weight kept one step more precise -> its weighted error
+    ort_variant: onnx.ModelProto | None = None  # the decoder's contrib-op twin (decoder_ort.onnx), same weights
 
 
 @dataclass
@@ -78,7 +82,7 @@ def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration
                 promoted: dict[str, float] | None = None) -> WrittenGraph:
     """One graph of the new artifact; promoted weights (name -> weighted error) go one step more precise."""
     dst, precision = tmp / f"{p.name}.onnx", p.recipe.precision
-    for old in tmp.glob(f"{p.name}.onnx*"):  # an earlier keep-until-pass round
+    for old in tmp.glob(f"{p.name}*.onnx*"):  # an earlier keep-until-pass round (decoder_ort.onnx with the decoder)
         old.unlink()
     written = WrittenGraph(precision, onnx.ModelProto(), promoted=dict(promoted or {}))
     if precision == "fp32":
@@ -92,6 +96,9 @@ def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration
                                            calibration.decoder_stats if p.name == "decoder" else None,
                                            calibration.activation_scales.get(p.name))
     written.proto = onnx.load(str(dst), load_external_data=False)
+    if p.name == "decoder":
+        written.ort_variant = write_ort_decoder(tmp, written.proto, src.dims, parse_config(src.manifest["config"]).language,
+                                                src.token_ids.audio_token)
     return written
 
 
@@ -114,8 +121,12 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
     for key in ("parity", "parity_report"):  # the source's result does not describe these graphs
         manifest.pop(key, None)
     manifest["graphs"] = {name: graph_entry(tmp, name, w.precision, w.proto) for name, w in written.items()}
+    manifest.pop("decoders", None)
+    if written["decoder"].ort_variant is not None:
+        manifest["graphs"][ORT_DECODER] = graph_entry(tmp, ORT_DECODER, written["decoder"].precision, written["decoder"].ort_variant)
+        manifest["decoders"] = {"cpu": ORT_DECODER}
     manifest["backends"] = sorted(set(recipe.backends) & set(src.manifest.get("backends", recipe.backends)))
-    kernels = {name: cpu_kernels(tmp / f"{name}.onnx") for name, w in written.items() if w.precision != "fp32"}
+    kernels = {name: cpu_kernels(tmp / f"{name}.onnx") for name, e in manifest["graphs"].items() if e["precision"] != "fp32"}
     unfused = {g: k["dequantized_weights"] for g, k in kernels.items() if k["dequantized_weights"]}
     if unfused:
         log(f"warning: ONNX Runtime CPU left DequantizeLinear unfused in {unfused}: those weights run dequantized")

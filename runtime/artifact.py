@@ -111,6 +111,14 @@ class Artifact:
             raise MossEdgeError(f"{self.root}/manifest.json: tokenizer_files must map names to sha256s")
         return files
 
+    def decoder_for(self, provider: str) -> str:
+        """The decoder graph a provider runs: the manifest's choice, else the portable one."""
+        name = self.manifest.get("decoders", {}).get(provider, "decoder")
+        if name not in self.manifest["graphs"]:
+            raise MossEdgeError(f"{self.root}/manifest.json chooses decoder {name!r} for {provider}, which it does not "
+                                "list; export the artifact again")
+        return name
+
     def graph_path(self, name: str) -> Path:
         return self.file(self.manifest["graphs"][name]["file"])
 

@@ -19,6 +19,9 @@ from moss_edge.runtime.audio import N_MELS
 from moss_edge.runtime.errors import MossEdgeError
 
 GRAPHS = ("encoder", "adapter", "decoder")
+# The decoder built from ONNX Runtime's contrib ops (export/ort_decoder.py), beside the portable
+# one; the manifest's "decoders" says which provider runs it.
+ORT_DECODER = "decoder_ort"
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,15 @@ def graph_spec(name: str, d: Dims) -> GraphSpec:
              Tensor("deepstack_embeds", (d.num_deepstack, "batch", "seq", d.hidden_size)),
              *[Tensor(n, cache) for n in cache_names(d, "past")]),
             (Tensor("logits", ("batch", d.vocab_size)), *[Tensor(n, grown) for n in cache_names(d, "present")]))
-    raise MossEdgeError(f"unknown graph {name!r}; the graphs are {', '.join(GRAPHS)}")
+    if name == ORT_DECODER:  # the KV cache is a buffer of `capacity` positions, valid up to the cached length
+        buffer = (1, d.num_key_value_heads, "capacity", d.head_dim)
+        return GraphSpec(
+            (Tensor("input_ids", (1, "seq"), "int64"), Tensor("audio_embeds", (1, "seq", d.hidden_size)),
+             Tensor("deepstack_embeds", (d.num_deepstack, 1, "seq", d.hidden_size)),
+             *[Tensor(n, buffer) for n in cache_names(d, "past")],
+             Tensor("seqlens_k", (1,), "int32"), Tensor("total_sequence_length", (), "int32")),
+            (Tensor("logits", (1, d.vocab_size)), *[Tensor(n, buffer) for n in cache_names(d, "present")]))
+    raise MossEdgeError(f"unknown graph {name!r}; the graphs are {', '.join((*GRAPHS, ORT_DECODER))}")
 
 
 def concrete_shapes(tensors: tuple[Tensor, ...], sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:
@@ -113,6 +124,13 @@ def mismatches(spec: GraphSpec, session_inputs: dict[str, list]) -> list[str]:
 def empty_cache(d: Dims, dtype=np.float32) -> np.ndarray:
     """A KV cache entry holding no positions yet."""
     return np.zeros((1, d.num_key_value_heads, 0, d.head_dim), dtype)
+
+
+def buffered_decoder_feeds(ids: np.ndarray, start: int, audio: np.ndarray, deepstack: np.ndarray) -> dict:
+    """The ORT decoder's inputs besides its cache buffers, for `ids` [1, s] after `start` cached positions."""
+    total = start + ids.shape[1]
+    return {"input_ids": ids, "audio_embeds": audio, "deepstack_embeds": deepstack,
+            "seqlens_k": np.array([total - 1], np.int32), "total_sequence_length": np.array(total, np.int32)}
 
 
 def decoder_feeds(d: Dims, ids: np.ndarray, start: int, audio: np.ndarray, deepstack: np.ndarray,

@@ -17,7 +17,8 @@ from moss_edge.runtime.audio import (SAMPLE_RATE, chunk_mels, clip_token_count, 
                                      prepare_waveform)
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens, place_audio, stream_text
-from moss_edge.runtime.graphs import Dims, cache_names, decoder_feeds, empty_cache, graph_spec, mismatches
+from moss_edge.runtime.decoders import BufferedDecoderRunner, DecoderRunner
+from moss_edge.runtime.graphs import ORT_DECODER, graph_spec, mismatches
 from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids, expand_audio_spans
 from moss_edge.runtime.sampling import SamplingOptions, split_thinking
@@ -69,47 +70,6 @@ def check_graph_io(artifact: Artifact, name: str, session) -> None:
                             f"({'; '.join(problems[:4])}); export the artifact again")
 
 
-class DecoderRunner:
-    """Runs decoder.onnx with its KV cache kept as ONNX Runtime values between steps
-    (IO binding), so the cache never round-trips through numpy."""
-
-    def __init__(self, session, dims: Dims):
-        self.session = session
-        self.dims = dims
-        self.output_names = [o.name for o in session.get_outputs()]
-        types = {i.name: i.type for i in session.get_inputs()}
-        self.cache_dtype = np.float16 if "float16" in types[cache_names(dims, "past")[0]] else np.float32
-        self.embed_dtype = np.float16 if "float16" in types["audio_embeds"] else np.float32
-        self.past = None
-        self.length = 0
-        self.step_audio = np.zeros((1, 1, dims.hidden_size), self.embed_dtype)
-        self.step_deepstack = np.zeros((dims.num_deepstack, 1, 1, dims.hidden_size), self.embed_dtype)
-
-    def _run(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray, past: list) -> np.ndarray:
-        binding = self.session.io_binding()
-        for name, value in decoder_feeds(self.dims, ids, self.length, audio, deepstack, past).items():
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            else:
-                binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        self.past = outputs[1:]
-        self.length += ids.shape[1]
-        return outputs[0].numpy()[0]
-
-    def prefill(self, prompt_ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
-        self.length = 0
-        empty = [empty_cache(self.dims, self.cache_dtype)] * (2 * self.dims.num_hidden_layers)
-        return self._run(np.array([prompt_ids], np.int64), audio[None].astype(self.embed_dtype),
-                         deepstack[:, None].astype(self.embed_dtype), empty)
-
-    def step(self, token: int) -> np.ndarray:
-        return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack, self.past)
-
-
 class Pipeline:
     """A loaded artifact: generate/stream for applications, and the Inference interface
     (encode, prefill, step; runtime/inference.py) for the tools that drive models directly.
@@ -117,7 +77,7 @@ class Pipeline:
     serialised by a lock; load one Pipeline per worker for parallelism."""
 
     def __init__(self, artifact: Artifact, provider: str = "cpu", threads: int | None = None,
-                 limits: ShapeLimits | None = None, with_decoder: bool = True):
+                 limits: ShapeLimits | None = None, with_decoder: bool = True, decoder: str | None = None):
         backends = artifact.manifest.get("backends", list(PROVIDERS))
         if provider not in backends:
             precisions = {g: e["precision"] for g, e in artifact.manifest["graphs"].items()}
@@ -143,10 +103,16 @@ class Pipeline:
         check_graph_io(artifact, "adapter", self.adapter)
         # audio-only users (calibration) skip the decoder: at 4B in fp32 it is the bulk of the memory
         self.decoder = None
+        # the decoder this provider runs (the manifest's choice), or the one asked for (verify checks each)
+        self.decoder_graph = decoder or artifact.decoder_for(provider)
+        if self.decoder_graph not in artifact.manifest["graphs"]:
+            raise MossEdgeError(f"{artifact.root} has no {self.decoder_graph!r} graph; it has "
+                                f"{', '.join(artifact.manifest['graphs'])}")
         if with_decoder:
-            decoder = session("decoder")
-            check_graph_io(artifact, "decoder", decoder)
-            self.decoder = DecoderRunner(decoder, self.dims)
+            loaded = session(self.decoder_graph)
+            check_graph_io(artifact, self.decoder_graph, loaded)
+            runner = BufferedDecoderRunner if self.decoder_graph == ORT_DECODER else DecoderRunner
+            self.decoder = runner(loaded, self.dims)
         self.tokenizer = TextTokenizer.from_dir(artifact.root) if artifact.tokenizer_files else None
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside generate/stream, to catch re-entry
@@ -168,8 +134,9 @@ class Pipeline:
     @classmethod
     def load(cls, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
              check_hashes: bool = True, limits: ShapeLimits | None = None, with_decoder: bool = True,
-             unfinished_ok: bool = False) -> "Pipeline":
-        return cls(Artifact.load(artifact_dir, check_hashes, unfinished_ok), provider, threads, limits, with_decoder)
+             unfinished_ok: bool = False, decoder: str | None = None) -> "Pipeline":
+        return cls(Artifact.load(artifact_dir, check_hashes, unfinished_ok), provider, threads, limits, with_decoder,
+                   decoder)
 
     def encode(self, clips: list[AudioInput]) -> AudioFeatures:
         """Clips (paths, bytes, (samples, rate) or 16 kHz arrays) -> their audio features."""

@@ -1,0 +1,158 @@
+"""The decoder again, for ONNX Runtime's CPU provider: the same weights, run by its contrib ops.
+
+GroupQueryAttention keeps the KV cache in one buffer per layer that is both past and present
+(nothing is concatenated or copied per step) and applies the rotary embedding itself;
+SimplifiedLayerNormalization and SkipSimplifiedLayerNormalization are the RMSNorms. The
+graph is built beside the portable decoder (decoder.onnx, which TensorRT takes) and reads the
+same initializers: their protos are copied, so weights stored as external data are shared on
+disk, and the nodes that make each weight or the token embedding from them (the quantized
+formats' DequantizeLinear and table gathers) are copied as they are.
+
+decoder_ort.onnx  input_ids [1, seq], audio_embeds [1, seq, H], deepstack_embeds [K, 1, seq, H],
+                  past_key_i / past_value_i [1, kv, capacity, hd] (a buffer: valid up to the
+                  cached length), seqlens_k [1] int32 (cached + seq - 1), total_sequence_length []
+                  int32 (cached + seq) -> logits [1, vocab], present_key_i / present_value_i (the
+                  same buffers, written in place when bound to the same memory)
+"""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from moss_edge.export.config import LanguageConfig
+from moss_edge.runtime.graphs import ORT_DECODER, Dims, cache_names
+
+MS = "com.microsoft"
+LAYER = "model.language_model.layers.{}."
+
+
+def write_ort_decoder(folder: Path, portable: onnx.ModelProto, d: Dims, lang: LanguageConfig,
+                      audio_token: int) -> onnx.ModelProto | None:
+    """folder/decoder_ort.onnx beside the portable decoder, for weight-only decoders (fp32, INT8,
+    INT4 through DequantizeLinear); None for one that quantizes activations (dynamic INT8) and
+    for head sizes GroupQueryAttention does not take (multiples of 16 only; Qwen3 has 128)."""
+    if d.head_dim % 16 or any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger")
+                              for n in portable.graph.node):
+        return None
+    model = build_ort_decoder(portable, d, lang, audio_token)
+    onnx.save(model, str(folder / f"{ORT_DECODER}.onnx"))
+    return model
+
+
+def _producers(graph: onnx.GraphProto, wanted: list[str]) -> list[onnx.NodeProto]:
+    """The nodes of graph that compute the tensors `wanted`, in graph order."""
+    made_by = {out: node for node in graph.node for out in node.output}
+    needed, stack = set(), list(wanted)
+    while stack:
+        node = made_by.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(node.input)
+    return [n for n in graph.node if id(n) in needed]
+
+
+def _rope_caches(d: Dims, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    inv_freq = 1.0 / theta ** (np.arange(0, d.head_dim, 2, dtype=np.float64) / d.head_dim)
+    angles = np.arange(d.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class _Builder:
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.consts: list[TensorProto] = []
+        self.count = 0
+
+    def op(self, op_type: str, inputs: list[str], outputs: int = 1, domain: str = "", **attrs) -> list[str]:
+        self.count += 1
+        names = [f"{op_type.lower()}_{self.count}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=f"{op_type}_{self.count}", domain=domain, **attrs))
+        return names
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.consts.append(numpy_helper.from_array(value, name))
+        return name
+
+
+def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, audio_token: int) -> onnx.ModelProto:
+    """The contrib-op decoder reading the weights of `portable` (parsed without external data)."""
+    rms_eps = lang.rms_norm_eps
+    g = portable.graph
+    audio_where = next(n for n in g.node if n.op_type == "Where" and "audio_embeds" in n.input)
+    token_embedding = audio_where.input[2]
+    weight = lambda name: f"model.language_model.{name}"  # noqa: E731
+    layer_weights = [[f"{LAYER.format(i)}{w}" for w in (
+        "input_layernorm.weight", "self_attn.q_proj.weight_t", "self_attn.k_proj.weight_t", "self_attn.v_proj.weight_t",
+        "self_attn.q_norm.weight", "self_attn.k_norm.weight", "self_attn.o_proj.weight_t",
+        "post_attention_layernorm.weight", "mlp.gate_proj.weight_t", "mlp.up_proj.weight_t", "mlp.down_proj.weight_t")]
+        for i in range(d.num_hidden_layers)]
+    final_norm, lm_head = weight("norm.weight"), "model.lm_head.weight_t"
+    copied = _producers(g, [token_embedding, final_norm, lm_head, *[w for ws in layer_weights for w in ws]])
+
+    b = _Builder()
+    initializers = {t.name for t in g.initializer}
+
+    def matmul(x: str, w: str) -> str:
+        """x @ w; AWQ stores w scaled by s per input channel and divides x by s first."""
+        if f"{w}_input_scale" in initializers:
+            x = b.op("Mul", [x, f"{w}_input_scale"])[0]
+        return b.op("MatMul", [x, w])[0]
+
+    cos, sin = _rope_caches(d, lang.rope_theta)
+    b.const("rope_cos", cos)
+    b.const("rope_sin", sin)
+    audio_id = b.const("audio_token_id", np.array(audio_token, np.int64))
+    axis_last = b.const("axis_last", np.array([-1], np.int64))
+    heads_shape = b.const("q_heads_shape", np.array([0, 0, -1, d.head_dim], np.int64))
+    flat_shape = b.const("flat_shape", np.array([0, 0, -1], np.int64))
+    is_audio = b.op("Unsqueeze", [b.op("Equal", ["input_ids", audio_id])[0], axis_last])[0]
+    x = b.op("Where", [is_audio, "audio_embeds", token_embedding])[0]
+    for i, (w_in, wq, wk, wv, wqn, wkn, wo, w_post, wg, wu, wd) in enumerate(layer_weights):
+        h = b.op("SimplifiedLayerNormalization", [x, w_in], axis=-1, epsilon=rms_eps)[0]
+
+        def head_norm(t: str, w: str) -> str:  # RMSNorm over each head's dims, as Qwen3 does before rotary
+            per_head = b.op("Reshape", [t, heads_shape])[0]
+            normed = b.op("SimplifiedLayerNormalization", [per_head, w], axis=-1, epsilon=rms_eps)[0]
+            return b.op("Reshape", [normed, flat_shape])[0]
+
+        q = head_norm(matmul(h, wq), wqn)
+        k = head_norm(matmul(h, wk), wkn)
+        v = matmul(h, wv)
+        past_k, past_v = cache_names(d, "past")[2 * i : 2 * i + 2]
+        present_k, present_v = cache_names(d, "present")[2 * i : 2 * i + 2]
+        b.nodes.append(helper.make_node(
+            "GroupQueryAttention", [q, k, v, past_k, past_v, "seqlens_k", "total_sequence_length", "rope_cos", "rope_sin"],
+            [f"attention_{i}", present_k, present_v], name=f"GroupQueryAttention_{i}", domain=MS,
+            num_heads=lang.num_attention_heads, kv_num_heads=d.num_key_value_heads, do_rotary=1, rotary_interleaved=0,
+            scale=float(d.head_dim) ** -0.5))
+        x = b.op("Add", [x, matmul(f"attention_{i}", wo)])[0]
+        h = b.op("SimplifiedLayerNormalization", [x, w_post], axis=-1, epsilon=rms_eps)[0]
+        gate = matmul(h, wg)
+        silu = b.op("Mul", [gate, b.op("Sigmoid", [gate])[0]])[0]
+        x = b.op("Add", [x, matmul(b.op("Mul", [silu, matmul(h, wu)])[0], wd)])[0]
+        if i < d.num_deepstack:
+            index = b.const(f"deepstack_index_{i}", np.array(i, np.int64))
+            x = b.op("Add", [x, b.op("Gather", ["deepstack_embeds", index], axis=0)[0]])[0]
+    last = b.op("Gather", [x, b.const("last_position", np.array(-1, np.int64))], axis=1)[0]  # [1, H]: logits of the last position only
+    normed = b.op("SimplifiedLayerNormalization", [last, final_norm], axis=-1, epsilon=rms_eps)[0]
+    b.nodes.append(helper.make_node("Identity", [matmul(normed, lm_head)], ["logits"], name="logits"))
+
+    h, kv = d.hidden_size, d.num_key_value_heads
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"]),
+              helper.make_tensor_value_info("audio_embeds", TensorProto.FLOAT, [1, "seq", h]),
+              helper.make_tensor_value_info("deepstack_embeds", TensorProto.FLOAT, [d.num_deepstack, 1, "seq", h]),
+              *[helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, kv, "capacity", d.head_dim])
+                for n in cache_names(d, "past")],
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, d.vocab_size]),
+               *[helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, kv, "capacity", d.head_dim])
+                 for n in cache_names(d, "present")]]
+    used = {i for n in [*copied, *b.nodes] for i in n.input}
+    graph = helper.make_graph([*copied, *b.nodes], "moss_audio_decoder_ort", inputs, outputs,
+                              [t for t in g.initializer if t.name in used] + b.consts)
+    opsets = [helper.make_opsetid("", max(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx"))),
+              helper.make_opsetid(MS, 1)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="moss-audio-edge")
