@@ -155,12 +155,17 @@ def cmd_info(args) -> None:
     sizes = m["model"]
     print(f"model     decoder {sizes['num_hidden_layers']} layers x {sizes['hidden_size']}, vocab {sizes['vocab_size']}, "
           f"DeepStack {sizes['num_deepstack']}, chunk {sizes['chunk_frames']} frames")
-    print(f"{'graph':<9} {'precision':<10} {'opset':<6} {'MiB':>9}  inputs -> outputs")
+    print(f"{'graph':<11} {'precision':<12} {'opset':<6} {'MiB':>9}  inputs -> outputs")
+    counted = set()  # decoder_ort reads the decoder's weight file: its size is counted once
     for name, g in m["graphs"].items():
-        mib = sum((artifact.root / f).stat().st_size for f in g["files"]) / 2**20
+        mib = sum((artifact.root / f).stat().st_size for f in g["files"] if f not in counted) / 2**20
+        counted.update(g["files"])
         ins = ", ".join(i["name"] for i in g["inputs"][:4]) + (", ..." if len(g["inputs"]) > 4 else "")
         outs = ", ".join(o["name"] for o in g["outputs"][:2]) + (", ..." if len(g["outputs"]) > 2 else "")
-        print(f"{name:<9} {g['precision']:<10} {g['opset']:<6} {mib:>9.2f}  {ins} -> {outs}")
+        print(f"{name:<11} {g['precision']:<12} {g['opset']:<6} {mib:>9.2f}  {ins} -> {outs}")
+    if m.get("decoders"):
+        print("decoders  " + ", ".join(f"{provider} runs {graph}" for provider, graph in m["decoders"].items())
+              + "; other providers run decoder")
     if "parity" in m:
         _print_summary(m["parity"])
     for line in summarize_kept(m.get("quantization", {}).get("higher_precision", {})):

@@ -1,0 +1,137 @@
+"""The portable decoder against the contrib-op decoder (decoder_ort.onnx) of the same artifacts.
+
+At real widths and several depths (e.g. 2, 4 and 8 decoder layers of MOSS-Audio-4B), each decoder
+prefills a 419-token prompt and decodes 32 tokens after it; rounds alternate the decoders and
+the fastest of each is kept (shared machines add noise, never speed). A least-squares line
+through the depths gives the per-layer cost, extrapolated to full depth. One extra profiled run per decoder says where the prefill's and a decode
+step's time goes, by op type.
+
+    python benchmarks/decoders.py A-2l-int4 A-4l-int4 A-8l-int4 --full-depth 36 -o benchmarks/decoders-4b-int4.json
+"""
+
+import argparse
+import json
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from moss_edge.runtime.artifact import Artifact
+from moss_edge.runtime.decoders import BufferedDecoderRunner, DecoderRunner
+from moss_edge.runtime.graphs import ORT_DECODER
+from moss_edge.runtime.session import PROVIDERS
+
+PROMPT, STEPS, DECODERS = 419, 32, ("decoder", ORT_DECODER)
+
+
+def runner(artifact: Artifact, decoder: str, threads: int, profile: Path | None = None):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+    if profile:
+        opts.enable_profiling, opts.profile_file_prefix = True, str(profile)
+    session = ort.InferenceSession(str(artifact.graph_path(decoder)), opts, providers=PROVIDERS["cpu"])
+    return (BufferedDecoderRunner if decoder == ORT_DECODER else DecoderRunner)(session, artifact.dims)
+
+
+def measure(run, dims) -> tuple[float, float]:
+    """(prefill seconds for PROMPT tokens, decode ms per token after them)."""
+    ids = list(np.random.default_rng(0).integers(100, 1000, PROMPT))
+    audio, deepstack = np.zeros((PROMPT, dims.hidden_size), np.float32), np.zeros((dims.num_deepstack, PROMPT, dims.hidden_size), np.float32)
+    start = time.perf_counter()
+    logits = run.prefill(ids, audio, deepstack)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        logits = run.step(int(np.argmax(logits)))
+    return prefill, (time.perf_counter() - start) * 1000 / STEPS
+
+
+def profile(artifact: Artifact, decoder: str, threads: int, folder: Path) -> dict[str, dict[str, float]]:
+    """Microseconds by op type, from ONNX Runtime's profiler: the prefill, and the mean decode step."""
+    run = runner(artifact, decoder, threads, folder / decoder)
+    measure(run, artifact.dims)
+    trace = json.loads(Path(run.session.end_profiling()).read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("name") == "model_run")
+    out = {"prefill": defaultdict(float), "decode_step": defaultdict(float)}
+    for e in trace:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            run_index = next((i for i, (a, b) in enumerate(runs) if a <= e["ts"] < b), None)
+            if run_index == 0:
+                out["prefill"][e["args"]["op_name"]] += e["dur"]
+            elif run_index is not None:
+                out["decode_step"][e["args"]["op_name"]] += e["dur"] / (len(runs) - 1)
+    return {k: {op: round(us) for op, us in sorted(v.items(), key=lambda kv: -kv[1])} for k, v in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifacts", nargs="+", help="the same model at two or more decoder depths")
+    parser.add_argument("--full-depth", type=int, default=36)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("-o", "--output", required=True)
+    args = parser.parse_args()
+    artifacts = [Artifact.load(a, check_hashes=False) for a in args.artifacts]
+    depths = [a.dims.num_hidden_layers for a in artifacts]
+    runs = {(i, d): runner(a, d, args.threads) for i, a in enumerate(artifacts) for d in DECODERS}
+    best = {key: (float("inf"), float("inf")) for key in runs}
+    for key, run in runs.items():  # warm-up: first runs allocate and pick kernels
+        measure(run, artifacts[key[0]].dims)
+    for r in range(args.rounds):
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
+        for key in order:
+            prefill, decode = measure(runs[key], artifacts[key[0]].dims)
+            best[key] = (min(best[key][0], prefill), min(best[key][1], decode))
+    result = {"cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(), "threads": args.threads,
+              "prompt_tokens": PROMPT, "decode_tokens": STEPS, "rounds": args.rounds, "depths": depths,
+              "precision": artifacts[0].manifest["graphs"]["decoder"]["precision"], "decoders": {}}
+    for d in DECODERS:
+        prefill, decode = (np.array([best[(i, d)][k] for i in range(len(depths))]) for k in (0, 1))
+        (p_layer, p_fixed), (s_layer, s_fixed) = np.polyfit(depths, prefill, 1), np.polyfit(depths, decode, 1)
+        result["decoders"][d] = {
+            "measured": {str(n): {"prefill_s": float(p), "decode_ms": float(t)} for n, p, t in zip(depths, prefill, decode)},
+            "prefill_s_per_layer": float(p_layer), "decode_ms_per_layer": float(s_layer),
+            f"prefill_s_at_{args.full_depth}": float(p_fixed + args.full_depth * p_layer),
+            f"decode_ms_at_{args.full_depth}": float(s_fixed + args.full_depth * s_layer)}
+    out = Path(args.output)
+    result["profile_us"] = {d: profile(artifacts[-1], d, args.threads, out.parent) for d in DECODERS}
+    for f in out.parent.glob("decoder*_20*.json"):  # the profiler's raw traces
+        f.unlink()
+    out.write_text(json.dumps(result, indent=2))
+    chart(result, out.with_suffix(".png"), args.full_depth)
+    print(json.dumps({d: {k: v for k, v in r.items() if k != "measured"} for d, r in result["decoders"].items()}, indent=1))
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+    return " ".join(f for f in flags.split() if f.startswith(("avx", "amx", "fma", "sve", "asimd")) or f == "neon")
+
+
+def chart(result: dict, path: Path, full_depth: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["decoders"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, label in ((axes[0], f"decode_ms_at_{full_depth}", "decode ms/token"),
+                           (axes[1], f"prefill_s_at_{full_depth}", f"prefill s ({result['prompt_tokens']} tokens)")):
+        values = [result["decoders"][n][key] for n in names]
+        ax.bar(names, values, color=["#888888", "#2a7ab0"])
+        ax.set_title(f"{label}, {full_depth} layers (extrapolated)")
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.1f}" if v > 10 else f"{v:.2f}", ha="center", va="bottom")
+    fig.suptitle(f"{result['precision']} decoders, {result['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
