@@ -82,13 +82,12 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
     g = portable.graph
     audio_where = next(n for n in g.node if n.op_type == "Where" and "audio_embeds" in n.input)
     token_embedding = audio_where.input[2]
-    weight = lambda name: f"model.language_model.{name}"  # noqa: E731
     layer_weights = [[f"{LAYER.format(i)}{w}" for w in (
         "input_layernorm.weight", "self_attn.q_proj.weight_t", "self_attn.k_proj.weight_t", "self_attn.v_proj.weight_t",
         "self_attn.q_norm.weight", "self_attn.k_norm.weight", "self_attn.o_proj.weight_t",
         "post_attention_layernorm.weight", "mlp.gate_proj.weight_t", "mlp.up_proj.weight_t", "mlp.down_proj.weight_t")]
         for i in range(d.num_hidden_layers)]
-    final_norm, lm_head = weight("norm.weight"), "model.lm_head.weight_t"
+    final_norm, lm_head = "model.language_model.norm.weight", "model.lm_head.weight_t"
     copied = _producers(g, [token_embedding, final_norm, lm_head, *[w for ws in layer_weights for w in ws]])
 
     b = _Builder()
@@ -135,7 +134,7 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
         if i < d.num_deepstack:
             index = b.const(f"deepstack_index_{i}", np.array(i, np.int64))
             x = b.op("Add", [x, b.op("Gather", ["deepstack_embeds", index], axis=0)[0]])[0]
-    last = b.op("Gather", [x, b.const("last_position", np.array(-1, np.int64))], axis=1)[0]  # [1, H]: logits of the last position only
+    last = b.op("Gather", [x, b.const("last_position", np.array(-1, np.int64))], axis=1)[0]  # the last position only
     normed = b.op("SimplifiedLayerNormalization", [last, final_norm], axis=-1, epsilon=rms_eps)[0]
     b.nodes.append(helper.make_node("Identity", [matmul(normed, lm_head)], ["logits"], name="logits"))
 

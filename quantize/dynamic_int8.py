@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from moss_edge.quantize.conv_im2col import convolutions_as_matmuls
 from moss_edge.quantize.graph import read_initializer
 
 INT16_MAX = 32767
@@ -34,13 +35,22 @@ def quantize_dynamic_int8(src: Path, dst: Path) -> dict:
 
     logging.getLogger().setLevel(logging.ERROR)  # its "run pre-processing" advice is for CNNs
     big = sum(f.stat().st_size for f in src.parent.glob(f"{src.name}*")) > 1 << 30
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                     op_types_to_quantize=["MatMul"], use_external_data_format=big,
-                     extra_options={"MatMulConstBOnly": True})
+    model = onnx.load(str(src))
+    rewritten = convolutions_as_matmuls(model)  # the stem's convolutions become INT8 MatMuls too
+    staged = dst.parent / f"{dst.stem}.im2col.onnx"
+    onnx.save(model, str(staged), save_as_external_data=big, location=f"{staged.name}.data")
+    del model
+    try:
+        quantize_dynamic(str(staged), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=big,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        for f in dst.parent.glob(f"{staged.name}*"):
+            f.unlink()
     worst = worst_pair_sum(dst)
     if worst > INT16_MAX:  # the quantizer's reduce_range changed meaning: never ship such a graph
         raise RuntimeError(f"{dst}: u8 x s8 pair sums reach {worst} > {INT16_MAX}; the INT8 format is not CPU-independent")
-    return {**FORMAT, "worst_u8s8_pair_sum": worst}
+    return {**FORMAT, "worst_u8s8_pair_sum": worst, "convolutions_as_matmuls": rewritten}
 
 
 def _integer_weights(model: onnx.ModelProto, root: Path):

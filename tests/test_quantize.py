@@ -1,5 +1,6 @@
 import json
 import numpy as np
+import onnx
 import pytest
 
 from moss_edge.calibration.activations import decoder_input_stats
@@ -206,3 +207,31 @@ def test_w8a8_static_qdq_for_tensorrt(synthetic_artifact, synthetic_checkpoint, 
     assert all({a.name for a in n.attribute} == {"axis"} for n in weight_dq)  # per-channel, not blocked
     scales = [i for i in encoder.graph.initializer if "_act_scale" in i.name]
     assert scales and all(onnx.numpy_helper.to_array(i) > 0 for i in scales)
+
+
+def test_stem_convolutions_become_one_exact_matmul_each():
+    """im2col + MatMul computes the same convolution (odd and even sizes, as chunk tails have);
+    convolutions of another shape are left alone."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from moss_edge.quantize.conv_im2col import convolutions_as_matmuls
+
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.standard_normal((7, 5, 3, 3)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32),
+               "w1": rng.standard_normal((5, 1, 3, 3)).astype(np.float32)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x1", "w1"], ["x"], strides=[2, 2], pads=[1, 1, 1, 1], name="first"),  # one channel in
+         helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1], name="stem")],
+        "g", [helper.make_tensor_value_info("x1", TensorProto.FLOAT, ["n", 1, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    rewritten = onnx.ModelProto.FromString(model.SerializeToString())
+    assert convolutions_as_matmuls(rewritten) == 1
+    assert [n.op_type for n in rewritten.graph.node].count("Conv") == 1 and "w" not in {i.name for i in rewritten.graph.initializer}
+    run = lambda m, x: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x1": x})[0]  # noqa: E731
+    for shape in ((2, 1, 26, 18), (1, 1, 25, 13), (3, 1, 8, 7)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        want, got = run(model, x), run(rewritten, x)
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-4 * np.abs(want).max()
