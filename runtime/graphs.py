@@ -1,4 +1,4 @@
-"""The contract of the three graphs: their sizes, and per graph its inputs and outputs.
+"""The contract of the graphs: their sizes, and per graph its inputs and outputs.
 
 Export names and dynamic axes, TensorRT shape profiles, the decoder's feeds (runtime and
 calibration) and the load-time check of an artifact against its manifest all read it here.
@@ -9,6 +9,9 @@ adapter   audio_tokens [n, D], taps [n_taps, n, D] -> audio_embeds [n, H], deeps
 decoder   input_ids, position_ids [batch, seq], audio_embeds [batch, seq, H],
           deepstack_embeds [K, batch, seq, H], past_key_i / past_value_i [batch, kv, past, hd]
           -> logits [batch, vocab] (last position), present_key_i / present_value_i [batch, kv, past + seq, hd]
+decoder_ort  the same model for ONNX Runtime's CPU provider (export/ort_decoder.py): batch 1, no
+          position_ids; the cache inputs are buffers of `capacity` positions that the outputs
+          alias, seqlens_k [1] and total_sequence_length [] say how much of them is valid
 """
 
 from dataclasses import dataclass, fields
