@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from moss_edge.plots import full_depth_chart
 from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.decoders import BufferedDecoderRunner, DecoderRunner
 from moss_edge.runtime.graphs import ORT_DECODER
@@ -101,7 +102,8 @@ def main() -> None:
     for f in out.parent.glob("decoder*_20*.json"):  # the profiler's raw traces
         f.unlink()
     out.write_text(json.dumps(result, indent=2))
-    chart(result, out.with_suffix(".png"), args.full_depth)
+    title = f"{result['precision']} decoders, {result['threads']} threads"
+    full_depth_chart(result["decoders"], args.full_depth, result["prompt_tokens"], title, out.with_suffix(".png"))
     print(json.dumps({d: {k: v for k, v in r.items() if k != "measured"} for d, r in result["decoders"].items()}, indent=1))
 
 
@@ -111,26 +113,6 @@ def cpu_flags() -> str:
     except (OSError, StopIteration):
         return ""
     return " ".join(f for f in flags.split() if f.startswith(("avx", "amx", "fma", "sve", "asimd")) or f == "neon")
-
-
-def chart(result: dict, path: Path, full_depth: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result["decoders"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, label in ((axes[0], f"decode_ms_at_{full_depth}", "decode ms/token"),
-                           (axes[1], f"prefill_s_at_{full_depth}", f"prefill s ({result['prompt_tokens']} tokens)")):
-        values = [result["decoders"][n][key] for n in names]
-        ax.bar(names, values, color=["#888888", "#2a7ab0"])
-        ax.set_title(f"{label}, {full_depth} layers (extrapolated)")
-        for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.1f}" if v > 10 else f"{v:.2f}", ha="center", va="bottom")
-    fig.suptitle(f"{result['precision']} decoders, {result['threads']} threads")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from moss_edge.export.checkpoint import tensor_files
 from moss_edge.export.config import load_config
+from moss_edge.plots import full_depth_chart
 from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.decoders import BufferedDecoderRunner, DecoderRunner
 from moss_edge.runtime.graphs import ORT_DECODER
@@ -124,26 +125,6 @@ class Ours:
         return prefill, (time.perf_counter() - start) * 1000 / STEPS
 
 
-def chart(result: dict, path: Path, full_depth: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result["systems"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, label in ((axes[0], f"decode_ms_at_{full_depth}", "decode ms/token"),
-                           (axes[1], f"prefill_s_at_{full_depth}", f"prefill s ({result['prompt_tokens']} tokens)")):
-        values = [result["systems"][n][key] for n in names]
-        ax.bar(names, values, color=["#888888", "#2a7ab0"])
-        ax.set_title(f"{label}, {full_depth} layers (extrapolated)")
-        for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom")
-    fig.suptitle(f"4B widths, same weights, {result['threads']} threads, depths {result['depths']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pairs", nargs="+", help="CHECKPOINT:ARTIFACT of the same model at two or more decoder depths")
@@ -191,7 +172,8 @@ def main() -> None:
     result["ours_over_llama_cpp"] = {k: ours[f"{k}_at_{args.full_depth}"] / theirs[f"{k}_at_{args.full_depth}"]
                                      for k in ("prefill_s", "decode_ms")}
     Path(args.output).write_text(json.dumps(result, indent=2))
-    chart(result, Path(args.output).with_suffix(".png"), args.full_depth)
+    title = f"4B widths, same weights, {result['threads']} threads, depths {result['depths']}"
+    full_depth_chart(result["systems"], args.full_depth, result["prompt_tokens"], title, Path(args.output).with_suffix(".png"))
     print(json.dumps({n: {k: v for k, v in s.items() if k != "measured"} for n, s in result["systems"].items()}, indent=1))
     print("ours / llama.cpp:", result["ours_over_llama_cpp"])
 

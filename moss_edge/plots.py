@@ -56,3 +56,23 @@ def parity_chart(report: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def full_depth_chart(systems: dict[str, dict], full_depth: int, prompt_tokens: int, title: str, path: Path) -> Path:
+    """Two panels, decode ms/token and prefill s at full depth, one bar per system (the
+    benchmarks' decoder and peer comparisons)."""
+    plt = _pyplot()
+    names = list(systems)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, label in ((axes[0], f"decode_ms_at_{full_depth}", "decode ms/token"),
+                           (axes[1], f"prefill_s_at_{full_depth}", f"prefill s ({prompt_tokens} tokens)")):
+        values = [systems[n][key] for n in names]
+        ax.bar(names, values, color=["#888888", "#2a7ab0"][: len(names)])
+        ax.set_title(f"{label}, {full_depth} layers (extrapolated)")
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.1f}" if v >= 10 else f"{v:.2f}", ha="center", va="bottom")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
