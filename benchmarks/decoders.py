@@ -12,20 +12,22 @@ step's time goes, by op type.
 import argparse
 import json
 import platform
-import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from moss_edge.bench import decoder_times, fastest_alternating, fit_depths
 from moss_edge.plots import full_depth_chart
 from moss_edge.runtime.artifact import Artifact
-from moss_edge.runtime.decoders import BufferedDecoderRunner, DecoderRunner
+from moss_edge.runtime.decoders import decoder_runner
 from moss_edge.runtime.graphs import ORT_DECODER
 from moss_edge.runtime.session import PROVIDERS
 
 PROMPT, STEPS, DECODERS = 419, 32, ("decoder", ORT_DECODER)
+IDS = [int(i) for i in np.random.default_rng(0).integers(100, 1000, PROMPT)]
 
 
 def runner(artifact: Artifact, decoder: str, threads: int, profile: Path | None = None):
@@ -34,26 +36,13 @@ def runner(artifact: Artifact, decoder: str, threads: int, profile: Path | None 
     if profile:
         opts.enable_profiling, opts.profile_file_prefix = True, str(profile)
     session = ort.InferenceSession(str(artifact.graph_path(decoder)), opts, providers=PROVIDERS["cpu"])
-    return (BufferedDecoderRunner if decoder == ORT_DECODER else DecoderRunner)(session, artifact.dims)
-
-
-def measure(run, dims) -> tuple[float, float]:
-    """(prefill seconds for PROMPT tokens, decode ms per token after them)."""
-    ids = list(np.random.default_rng(0).integers(100, 1000, PROMPT))
-    audio, deepstack = np.zeros((PROMPT, dims.hidden_size), np.float32), np.zeros((dims.num_deepstack, PROMPT, dims.hidden_size), np.float32)
-    start = time.perf_counter()
-    logits = run.prefill(ids, audio, deepstack)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(STEPS):
-        logits = run.step(int(np.argmax(logits)))
-    return prefill, (time.perf_counter() - start) * 1000 / STEPS
+    return decoder_runner(decoder, session, artifact.dims)
 
 
 def profile(artifact: Artifact, decoder: str, threads: int, folder: Path) -> dict[str, dict[str, float]]:
     """Microseconds by op type, from ONNX Runtime's profiler: the prefill, and the mean decode step."""
     run = runner(artifact, decoder, threads, folder / decoder)
-    measure(run, artifact.dims)
+    decoder_times(run, artifact.dims, IDS, STEPS)
     trace = json.loads(Path(run.session.end_profiling()).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("name") == "model_run")
     out = {"prefill": defaultdict(float), "decode_step": defaultdict(float)}
@@ -78,25 +67,13 @@ def main() -> None:
     artifacts = [Artifact.load(a, check_hashes=False) for a in args.artifacts]
     depths = [a.dims.num_hidden_layers for a in artifacts]
     runs = {(i, d): runner(a, d, args.threads) for i, a in enumerate(artifacts) for d in DECODERS}
-    best = {key: (float("inf"), float("inf")) for key in runs}
-    for key, run in runs.items():  # warm-up: first runs allocate and pick kernels
-        measure(run, artifacts[key[0]].dims)
-    for r in range(args.rounds):
-        order = list(runs) if r % 2 == 0 else list(reversed(runs))
-        for key in order:
-            prefill, decode = measure(runs[key], artifacts[key[0]].dims)
-            best[key] = (min(best[key][0], prefill), min(best[key][1], decode))
+    best = fastest_alternating({key: partial(decoder_times, run, artifacts[key[0]].dims, IDS, STEPS)
+                                for key, run in runs.items()}, args.rounds)
     result = {"cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(), "threads": args.threads,
               "prompt_tokens": PROMPT, "decode_tokens": STEPS, "rounds": args.rounds, "depths": depths,
-              "precision": artifacts[0].manifest["graphs"]["decoder"]["precision"], "decoders": {}}
-    for d in DECODERS:
-        prefill, decode = (np.array([best[(i, d)][k] for i in range(len(depths))]) for k in (0, 1))
-        (p_layer, p_fixed), (s_layer, s_fixed) = np.polyfit(depths, prefill, 1), np.polyfit(depths, decode, 1)
-        result["decoders"][d] = {
-            "measured": {str(n): {"prefill_s": float(p), "decode_ms": float(t)} for n, p, t in zip(depths, prefill, decode)},
-            "prefill_s_per_layer": float(p_layer), "decode_ms_per_layer": float(s_layer),
-            f"prefill_s_at_{args.full_depth}": float(p_fixed + args.full_depth * p_layer),
-            f"decode_ms_at_{args.full_depth}": float(s_fixed + args.full_depth * s_layer)}
+              "precision": artifacts[0].manifest["graphs"]["decoder"]["precision"],
+              "decoders": {d: fit_depths({n: best[(i, d)] for i, n in enumerate(depths)}, args.full_depth)
+                           for d in DECODERS}}
     out = Path(args.output)
     result["profile_us"] = {d: profile(artifacts[-1], d, args.threads, out.parent) for d in DECODERS}
     for f in out.parent.glob("decoder*_20*.json"):  # the profiler's raw traces

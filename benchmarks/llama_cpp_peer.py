@@ -17,6 +17,7 @@ and attention; ours prefills the same ids with zero audio rows. Optional, not CI
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,10 @@ from safetensors import safe_open
 
 from moss_edge.export.checkpoint import tensor_files
 from moss_edge.export.config import load_config
+from moss_edge.bench import decoder_times, fastest_alternating, fit_depths
 from moss_edge.plots import full_depth_chart
 from moss_edge.runtime.artifact import Artifact
-from moss_edge.runtime.decoders import BufferedDecoderRunner, DecoderRunner
-from moss_edge.runtime.graphs import ORT_DECODER
+from moss_edge.runtime.decoders import decoder_runner
 from moss_edge.runtime.session import make_session
 
 PROMPT, STEPS = 419, 32
@@ -110,19 +111,10 @@ class Ours:
     def __init__(self, artifact: Path, threads: int):
         art = Artifact.load(artifact, check_hashes=False)
         name = art.decoder_for("cpu")
-        runner = BufferedDecoderRunner if name == ORT_DECODER else DecoderRunner
-        self.dims, self.run = art.dims, runner(make_session(art.graph_path(name), "cpu", threads), art.dims)
+        self.dims, self.run = art.dims, decoder_runner(name, make_session(art.graph_path(name), "cpu", threads), art.dims)
 
     def measure(self, ids: list[int]) -> tuple[float, float]:
-        d = self.dims
-        start = time.perf_counter()
-        logits = self.run.prefill(ids, np.zeros((len(ids), d.hidden_size), np.float32),
-                                  np.zeros((d.num_deepstack, len(ids), d.hidden_size), np.float32))
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(STEPS):
-            logits = self.run.step(int(np.argmax(logits)))
-        return prefill, (time.perf_counter() - start) * 1000 / STEPS
+        return decoder_times(self.run, self.dims, ids, STEPS)
 
 
 def main() -> None:
@@ -150,24 +142,10 @@ def main() -> None:
         systems[("llama.cpp Q4_0", depth)] = LlamaCpp(q4, args.threads)
         systems[("ours INT4", depth)] = Ours(artifact, args.threads)
     ids = [int(i) for i in np.random.default_rng(0).integers(100, 1000, PROMPT)]
-    best = {key: (float("inf"), float("inf")) for key in systems}
-    for key, system in systems.items():  # warm-up
-        system.measure(ids)
-    for r in range(args.rounds):
-        for key in (list(systems) if r % 2 == 0 else list(reversed(systems))):
-            prefill, decode = systems[key].measure(ids)
-            best[key] = (min(best[key][0], prefill), min(best[key][1], decode))
+    best = fastest_alternating({key: partial(system.measure, ids) for key, system in systems.items()}, args.rounds)
     result = {"threads": args.threads, "prompt_tokens": PROMPT, "decode_tokens": STEPS, "rounds": args.rounds,
-              "depths": depths, "systems": {}}
-    for name in dict.fromkeys(n for n, _ in systems):
-        prefill = np.array([best[(name, d)][0] for d in depths])
-        decode = np.array([best[(name, d)][1] for d in depths])
-        (p_layer, p_fixed), (s_layer, s_fixed) = np.polyfit(depths, prefill, 1), np.polyfit(depths, decode, 1)
-        result["systems"][name] = {
-            "measured": {str(d): {"prefill_s": float(p), "decode_ms": float(s)} for d, p, s in zip(depths, prefill, decode)},
-            "prefill_s_per_layer": float(p_layer), "decode_ms_per_layer": float(s_layer),
-            f"prefill_s_at_{args.full_depth}": float(p_fixed + args.full_depth * p_layer),
-            f"decode_ms_at_{args.full_depth}": float(s_fixed + args.full_depth * s_layer)}
+              "depths": depths, "systems": {name: fit_depths({d: best[(name, d)] for d in depths}, args.full_depth)
+                                            for name in dict.fromkeys(n for n, _ in systems)}}
     ours, theirs = result["systems"]["ours INT4"], result["systems"]["llama.cpp Q4_0"]
     result["ours_over_llama_cpp"] = {k: ours[f"{k}_at_{args.full_depth}"] / theirs[f"{k}_at_{args.full_depth}"]
                                      for k in ("prefill_s", "decode_ms")}

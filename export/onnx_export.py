@@ -255,16 +255,17 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
             if (checkpoint_dir / f).is_file():
                 shutil.copy(checkpoint_dir / f, tmp / f)
                 tokenizer_files[f] = sha256_file(tmp / f)
+        hashed = {}  # decoder and decoder_ort share decoder.onnx.data: hashed once
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"moss-audio-edge {__version__}",
             "source": {"checkpoint": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)},
             "config": cfg.to_hf_dict(), "model": asdict(dims_of(cfg)),
-            "graphs": {g: graph_entry(tmp, g, "fp32") for g in GRAPHS},
+            "graphs": {g: graph_entry(tmp, g, "fp32", hashed=hashed) for g in GRAPHS},
             "token_ids": vars(ids), "tokenizer_files": tokenizer_files, "backends": backends_for_opset(opset),
             "unfinished": "export: parity not checked yet",
         }
         if ort_decoder is not None:
-            manifest["graphs"][ORT_DECODER] = graph_entry(tmp, ORT_DECODER, "fp32", ort_decoder)
+            manifest["graphs"][ORT_DECODER] = graph_entry(tmp, ORT_DECODER, "fp32", ort_decoder, hashed)
             manifest["decoders"] = {"cpu": ORT_DECODER}
         write_manifest(tmp, manifest)
         weights_bytes = 4 * sum(p.numel() for p in skeleton_model(cfg).parameters())

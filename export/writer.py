@@ -24,9 +24,11 @@ def _io(values) -> list[dict]:
              "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
 
 
-def graph_entry(root: Path, name: str, precision: str, proto: onnx.ModelProto | None = None) -> dict:
+def graph_entry(root: Path, name: str, precision: str, proto: onnx.ModelProto | None = None,
+                hashed: dict[str, str] | None = None) -> dict:
     """Manifest entry of root/name.onnx (proto: that graph already parsed, without its weights):
-    its files with sha256 (external data too), opset, IO."""
+    its files with sha256 (external data too), opset, IO. hashed (file -> sha256) carries the
+    hashes of the entries already made, so a file two graphs share is read once."""
     path = root / f"{name}.onnx"
     proto = proto or onnx.load(str(path), load_external_data=False)
     files = [path.name]
@@ -35,7 +37,11 @@ def graph_entry(root: Path, name: str, precision: str, proto: onnx.ModelProto | 
             if entry.key == "location" and entry.value not in files:
                 files.append(entry.value)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return {"file": path.name, "files": {f: sha256_file(root / f) for f in files}, "precision": precision,
+    hashed = {} if hashed is None else hashed
+    for f in files:
+        if f not in hashed:
+            hashed[f] = sha256_file(root / f)
+    return {"file": path.name, "files": {f: hashed[f] for f in files}, "precision": precision,
             "opset": opset, "inputs": _io(proto.graph.input), "outputs": _io(proto.graph.output)}
 
 

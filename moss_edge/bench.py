@@ -97,6 +97,43 @@ def worker(backend: str, path: str, settings: BenchSettings) -> dict:
     return result
 
 
+def decoder_times(run, dims, ids: list[int], steps: int) -> tuple[float, float]:
+    """A decoder runner's (prefill seconds for ids, with zero audio rows; decode ms per token
+    for `steps` greedy steps after them)."""
+    start = time.perf_counter()
+    logits = run.prefill(ids, np.zeros((len(ids), dims.hidden_size), np.float32),
+                         np.zeros((dims.num_deepstack, len(ids), dims.hidden_size), np.float32))
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = run.step(int(np.argmax(logits)))
+    return prefill, (time.perf_counter() - start) * 1000 / steps
+
+
+def fastest_alternating(measures: dict, rounds: int) -> dict:
+    """{system: measure() -> (prefill, decode)} -> {system: fastest (prefill, decode)}: a warm-up
+    run each, then rounds in alternating order (shared machines add noise, never speed)."""
+    for measure in measures.values():
+        measure()
+    best = {key: (float("inf"), float("inf")) for key in measures}
+    for r in range(rounds):
+        for key in (list(measures) if r % 2 == 0 else list(reversed(measures))):
+            prefill, decode = measures[key]()
+            best[key] = (min(best[key][0], prefill), min(best[key][1], decode))
+    return best
+
+
+def fit_depths(by_depth: dict[int, tuple[float, float]], full_depth: int) -> dict:
+    """{depth: (prefill s, decode ms)} -> per-layer costs (least squares) and the full-depth figures."""
+    depths = sorted(by_depth)
+    prefill, decode = (np.array([by_depth[d][k] for d in depths]) for k in (0, 1))
+    (p_layer, p_fixed), (s_layer, s_fixed) = np.polyfit(depths, prefill, 1), np.polyfit(depths, decode, 1)
+    return {"measured": {str(d): {"prefill_s": float(p), "decode_ms": float(s)} for d, p, s in zip(depths, prefill, decode)},
+            "prefill_s_per_layer": float(p_layer), "decode_ms_per_layer": float(s_layer),
+            f"prefill_s_at_{full_depth}": float(p_fixed + full_depth * p_layer),
+            f"decode_ms_at_{full_depth}": float(s_fixed + full_depth * s_layer)}
+
+
 def peak_rss_mib() -> float:
     """This process's peak RSS. VmHWM starts afresh at exec, unlike ru_maxrss, which Linux
     carries over from the parent that spawned the worker."""

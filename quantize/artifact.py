@@ -120,10 +120,12 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
     manifest = json.loads(json.dumps(src.manifest))
     for key in ("parity", "parity_report"):  # the source's result does not describe these graphs
         manifest.pop(key, None)
-    manifest["graphs"] = {name: graph_entry(tmp, name, w.precision, w.proto) for name, w in written.items()}
+    hashed = {}  # decoder and decoder_ort share decoder.onnx.data: hashed once
+    manifest["graphs"] = {name: graph_entry(tmp, name, w.precision, w.proto, hashed) for name, w in written.items()}
     manifest.pop("decoders", None)
     if written["decoder"].ort_variant is not None:
-        manifest["graphs"][ORT_DECODER] = graph_entry(tmp, ORT_DECODER, written["decoder"].precision, written["decoder"].ort_variant)
+        manifest["graphs"][ORT_DECODER] = graph_entry(tmp, ORT_DECODER, written["decoder"].precision,
+                                                      written["decoder"].ort_variant, hashed)
         manifest["decoders"] = {"cpu": ORT_DECODER}
     manifest["backends"] = sorted(set(recipe.backends) & set(src.manifest.get("backends", recipe.backends)))
     kernels = {name: cpu_kernels(tmp / f"{name}.onnx") for name, e in manifest["graphs"].items() if e["precision"] != "fp32"}

@@ -9,7 +9,7 @@ DeepStack rows) then step(token), each returning the last position's logits.
 import numpy as np
 import onnxruntime as ort
 
-from moss_edge.runtime.graphs import Dims, buffered_decoder_feeds, cache_names, decoder_feeds, empty_cache
+from moss_edge.runtime.graphs import ORT_DECODER, Dims, buffered_decoder_feeds, cache_names, decoder_feeds, empty_cache
 
 
 class DecoderRunner:
@@ -102,3 +102,8 @@ class BufferedDecoderRunner:
 
     def step(self, token: int) -> np.ndarray:
         return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack)
+
+
+def decoder_runner(graph: str, session, dims: Dims):
+    """The runner for a decoder graph: in-place cache buffers for decoder_ort, past/present otherwise."""
+    return (BufferedDecoderRunner if graph == ORT_DECODER else DecoderRunner)(session, dims)

@@ -17,8 +17,8 @@ from moss_edge.runtime.audio import (SAMPLE_RATE, chunk_mels, clip_token_count, 
                                      prepare_waveform)
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens, place_audio, stream_text
-from moss_edge.runtime.decoders import BufferedDecoderRunner, DecoderRunner
-from moss_edge.runtime.graphs import ORT_DECODER, graph_spec, mismatches
+from moss_edge.runtime.decoders import decoder_runner
+from moss_edge.runtime.graphs import graph_spec, mismatches
 from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids, expand_audio_spans
 from moss_edge.runtime.sampling import SamplingOptions, split_thinking
@@ -116,8 +116,7 @@ class Pipeline:
         if with_decoder:
             loaded = session(self.decoder_graph)
             check_graph_io(artifact, self.decoder_graph, loaded)
-            runner = BufferedDecoderRunner if self.decoder_graph == ORT_DECODER else DecoderRunner
-            self.decoder = runner(loaded, self.dims)
+            self.decoder = decoder_runner(self.decoder_graph, loaded, self.dims)
         self.tokenizer = TextTokenizer.from_dir(artifact.root) if artifact.tokenizer_files else None
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside generate/stream, to catch re-entry
