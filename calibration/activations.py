@@ -17,6 +17,7 @@ from moss_edge import __version__
 from moss_edge.calibration.dataset import CalibrationSample
 from moss_edge.runtime.pipeline import Pipeline
 from moss_edge.runtime.generation import place_audio
+from moss_edge.runtime.prompt import TextTokenizer, TokenIds, chat_prompt_ids, expand_audio_spans
 from moss_edge.runtime.graphs import decoder_feeds, empty_cache
 from moss_edge.runtime.session import PROVIDERS, available_cores
 
@@ -119,3 +120,47 @@ def decoder_input_stats(artifact: Path, decoder: onnx.ModelProto, weights: list[
 
 def _unpack(data) -> dict[str, dict[str, np.ndarray]]:
     return {str(n): {"sq": data[f"{i}.sq"], "abs": data[f"{i}.abs"]} for i, n in enumerate(data["names"])}
+
+
+def reference_input_stats(checkpoint: Path, ids: TokenIds, weights: list[str], decoder: onnx.ModelProto,
+                          samples: list[CalibrationSample], model=None) -> dict[str, dict[str, np.ndarray]]:
+    """The same statistics as decoder_input_stats, from the fp32 PyTorch model (by default run
+    one layer at a time from the checkpoint's shards; or `model`, e.g. the verifier's): for an
+    export straight to a recipe, where no fp32 graph exists, at any model size."""
+    import torch
+
+    from moss_edge.export.checkpoint import load_model
+    from moss_edge.export.reference import ReferencePipeline
+
+    model = model or load_model(checkpoint, torch.float32, piecewise=True)
+    wanted, hooks = set(weights), []
+    sums: dict[str, list] = {}
+
+    def accumulate(weight: str):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            entry = sums.setdefault(weight, [0.0, 0.0])
+            entry[0] = entry[0] + (x**2).sum(0).numpy()
+            entry[1] = entry[1] + x.abs().sum(0).numpy()
+        return hook
+
+    for name, module in model.language_model.named_modules():
+        if f"model.language_model.{name}.weight_t" in wanted:  # the exported MatMul weight's name
+            hooks.append(module.register_forward_pre_hook(accumulate(f"model.language_model.{name}.weight_t")))
+    ref = ReferencePipeline(model, ids)
+    tokenizer = TextTokenizer.from_dir(checkpoint) if (checkpoint / "tokenizer.json").is_file() else None
+    count = 0
+    try:
+        for sample in progress(samples, "calibrating decoder (PyTorch reference)"):
+            features = ref.encode([sample.waveform()])
+            prompt = (chat_prompt_ids(tokenizer, sample.prompt, features.clip_tokens, ids) if tokenizer else
+                      expand_audio_spans([ids.audio_start, ids.audio_end], features.clip_tokens, ids))
+            ref.prefill(prompt, features)
+            count += len(prompt)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    by_weight = {w: {"sq": (s[0] / count).astype(np.float32), "abs": (s[1] / count).astype(np.float32)} for w, s in sums.items()}
+    # keyed like decoder_input_stats: by the MatMul's input (q, k and v share theirs)
+    return {node.input[0]: by_weight[node.input[1]] for node in decoder.graph.node
+            if node.op_type == "MatMul" and node.input[1] in by_weight}

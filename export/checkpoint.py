@@ -5,6 +5,7 @@ memory-mapped file and converted one at a time, so at most one full copy of the 
 (in the target dtype) plus one tensor is ever held.
 """
 
+import ctypes
 import hashlib
 import json
 from collections import defaultdict
@@ -97,26 +98,83 @@ def check_checkpoint(checkpoint_dir: str | Path) -> None:
     _check_names_and_shapes(model, tensor_files(checkpoint_dir))
 
 
-def load_model(checkpoint_dir: str | Path, dtype: torch.dtype | None = None) -> MossAudio:
-    """Load the reference model; dtype None keeps each tensor's stored dtype."""
+def load_model(checkpoint_dir: str | Path, dtype: torch.dtype | None = None, piecewise: bool = False) -> MossAudio:
+    """Load the reference model; dtype None keeps each tensor's stored dtype.
+
+    piecewise: the encoder and decoder layers, the adapter and the mergers stay unloaded and
+    each is read from the shards just before it runs and dropped after it, so a model of any
+    size runs in the memory of its embedding, lm_head and one layer (slower: every decode step
+    reads every layer again)."""
     cfg = load_config(checkpoint_dir)
     with torch.device("meta"):
         model = MossAudio(cfg)
     files = tensor_files(checkpoint_dir)
     _check_names_and_shapes(model, files)
+    deferred = dict(piecewise_modules(model)) if piecewise else {}
+    resident = [n for n in files if not any(n.startswith(prefix + ".") for prefix in deferred)]
+    _load(model, files, resident, dtype)
+    for prefix, module in deferred.items():
+        names = [f"{prefix}.{n}" for n, _ in module.named_parameters()]
+        module.register_forward_pre_hook(lambda m, args, names=names: _load(model, files, names, dtype))
+        module.register_forward_hook(lambda m, args, out, names=names: _unload(model, names))
+    model.compute_buffers()
+    model.piecewise = piecewise
+    return model.eval()
+
+
+def piecewise_modules(model: MossAudio) -> list[tuple[str, nn.Module]]:
+    """The modules a piecewise model loads one at a time: the bulk of the weights."""
+    return [(n, m) for n, m in model.named_modules()
+            if n in ("audio_adapter",) or n.rpartition(".")[0] in ("audio_encoder.layers", "language_model.layers",
+                                                                    "deepstack_audio_merger_list")]
+
+
+def _load(model: nn.Module, files: dict[str, Path], names: list[str], dtype: torch.dtype | None) -> None:
     by_file = defaultdict(list)
-    for name in files:
+    for name in names:
         by_file[files[name]].append(name)
-    for file, names in by_file.items():
+    for file, held in by_file.items():
         with safe_open(str(file), framework="pt") as f:
-            for name in names:
+            for name in held:
                 tensor = f.get_tensor(name)
                 if dtype is not None:
                     tensor = tensor.to(dtype)
                 module_name, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
-    model.compute_buffers()
-    return model.eval()
+
+
+def _unload(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, attr, nn.Parameter(torch.empty_like(getattr(module, attr), device="meta"), requires_grad=False))
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the system. Layer-sized tensors (tens of MB) come from
+    glibc's heap, not mmap; loading and dropping them layer after layer left the heap holding
+    freed memory (2 GB after one 4B encode + two prefills; the piecewise model holds 3.3 GB)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc (macOS, musl): nothing to trim
+    _LIBC = None
+
+
+def reference_bytes(cfg, piecewise: bool) -> int:
+    """fp32 bytes a reference model holds at once: all of it, or (piecewise) what stays resident
+    plus the largest module loaded at a time."""
+    with torch.device("meta"):
+        model = MossAudio(cfg)
+    total = 4 * sum(p.numel() for p in model.parameters())
+    if not piecewise:
+        return total
+    sizes = [4 * sum(p.numel() for p in m.parameters()) for _, m in piecewise_modules(model)]
+    return total - sum(sizes) + max(sizes)
 
 
 AUDIO_TOKENS = {role: SPECIAL_TOKENS[role] for role in ("audio_token", "audio_start", "audio_end")}

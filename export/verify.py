@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from moss_edge import bundled_audio
-from moss_edge.export.checkpoint import checkpoint_hash, load_model
+from moss_edge.export.checkpoint import checkpoint_hash, load_model, reference_bytes
+from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
 from moss_edge.export.reference import ReferencePipeline
 from moss_edge.runtime.audio import load_audio
@@ -17,6 +18,7 @@ from moss_edge.runtime.generation import generate_tokens
 from moss_edge.runtime.graphs import ORT_DECODER
 from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.pipeline import ParityWarning, Pipeline
+from moss_edge.runtime.session import available_memory
 from moss_edge.runtime.sampling import SamplingOptions
 
 # Per precision: worst graph-output cosine, relative error (fp32 only), mean / max KL of the
@@ -58,6 +60,26 @@ def check_reference(artifact_dir: str | Path, reference: str | Path) -> None:
                             "verify against that checkpoint")
 
 
+def reference_model(checkpoint: str | Path, artifact_dir: str | Path) -> MossAudio:
+    """The fp32 reference, whole when it takes less than half the available memory with the
+    artifact (room for the graphs' sessions), else piecewise (one layer at a time from the
+    shards); refused before loading when not even that fits."""
+    from moss_edge.runtime.artifact import Artifact
+
+    cfg = load_config(checkpoint)
+    artifact = Artifact.load(artifact_dir, check_hashes=False, unfinished_ok=True)
+    on_disk = sum((artifact.root / f).stat().st_size for g in artifact.manifest["graphs"].values() for f in set(g["files"]))
+    available = available_memory()
+    if reference_bytes(cfg, piecewise=False) + on_disk < 0.5 * available:
+        return load_model(checkpoint, torch.float32)
+    need = reference_bytes(cfg, piecewise=True) + on_disk
+    if need > 0.9 * available:
+        raise MossEdgeError(f"verifying {artifact_dir} needs about {need / 2**30:.1f} GiB (the artifact, and the fp32 "
+                            f"reference one layer at a time); {available / 2**30:.1f} GiB is available. Free memory or "
+                            "verify on a larger machine")
+    return load_model(checkpoint, torch.float32, piecewise=True)
+
+
 class Verifier:
     """The parity check, set up once and used by every caller (the CLI's verify, export and
     quantize, the demo, Python code): verifier(artifact_dir) returns the report.
@@ -81,10 +103,15 @@ class Verifier:
         if self._model is None:
             checkpoint = self.reference or source["checkpoint"]
             check_reference(artifact_dir, checkpoint)
-            self._model, self._source = load_model(checkpoint, torch.float32), source["sha256"]
+            self._model, self._source = reference_model(checkpoint, artifact_dir), source["sha256"]
         elif self._source is not None and source["sha256"] != self._source:
             raise MossEdgeError(f"{artifact_dir} was exported from another checkpoint than the one this verifier "
                                 "loaded; use one Verifier per source checkpoint")
+
+    @property
+    def model(self) -> MossAudio | None:
+        """The reference, once `check` has loaded it."""
+        return self._model
 
     def __call__(self, artifact_dir: str | Path) -> dict:
         self.check(artifact_dir)
@@ -119,10 +146,11 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
     model's accuracy (`moss_edge.sound_events.evaluate.task_report`)."""
     if not isinstance(reference, MossAudio):
         check_reference(artifact_dir, reference)
-        reference = load_model(reference, torch.float32)
+        reference = reference_model(reference, artifact_dir)
     with warnings.catch_warnings():  # checking again an artifact that failed: the report says so itself
         warnings.simplefilter("ignore", ParityWarning)
-        pipe = Pipeline.load(artifact_dir, provider, unfinished_ok=True)  # export/quantize verify before finishing
+        # export/quantize verify before finishing; the decoders are loaded one at a time below
+        pipe = Pipeline.load(artifact_dir, provider, unfinished_ok=True, with_decoder=False)
     ref = ReferencePipeline(reference, pipe.ids)  # the ids the artifact was exported with
     audio = audio or [bundled_audio()]
     waveforms = [load_audio(a) for a in audio]
@@ -139,16 +167,18 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                     "deepstack_embeds": compare(adapter_deepstack, ref_audio.deepstack)},
     }
     ref_tokens, ref_logits = _reference_steps(ref, prompt_ids, ref_audio, steps)
-    # Every decoder graph the artifact has: the provider's own, then the others (run on CPU).
-    decoders = {pipe.decoder_graph: pipe}
-    for name in (n for n in ("decoder", ORT_DECODER) if n in pipe.artifact.manifest["graphs"] and n not in decoders):
+    # Every decoder graph the artifact has: the provider's own, then the others (on CPU), one
+    # loaded at a time (at 4B each holds ~2 GB of weights).
+    per_decoder = {}
+    for name in [pipe.decoder_graph, *(n for n in ("decoder", ORT_DECODER)
+                                       if n in pipe.artifact.manifest["graphs"] and n != pipe.decoder_graph)]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ParityWarning)
-            decoders[name] = Pipeline(pipe.artifact, "cpu", decoder=name)
-    per_decoder = {}
-    for name, runner in decoders.items():
+            runner = (pipe if provider == "cpu" or name == pipe.decoder_graph else
+                      Pipeline(pipe.artifact, "cpu", with_decoder=False)).using_decoder(name)
         graphs[name] = {"prefill_logits": compare(runner.prefill(prompt_ids, ref_audio), ref_logits[0])}
         per_decoder[name] = _decode_steps(runner, prompt_ids, art_audio, ref_tokens, ref_logits, steps)
+        del runner
     classes = {"int8-dynamic": "int8", "w8a8": "int8"}
     precision = max((classes.get(g["precision"], g["precision"]) for g in pipe.artifact.manifest["graphs"].values()),
                     key=ORDER.index)
@@ -166,10 +196,12 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                "top1_decided": end_to_end["top1_decided"],
                "greedy_match": end_to_end["greedy_match"], "failures": failures}
     report = {"artifact": str(artifact_dir), "audio": [str(a) for a in audio], "prompt_tokens": len(prompt_ids),
+              "reference": "fp32 PyTorch, " + ("one layer at a time from the shards" if getattr(reference, "piecewise", False)
+                                                else "whole model in memory"),
               "graphs": graphs, "steps": per_step, "end_to_end": end_to_end,
               "end_to_end_by_decoder": {name: figures for name, (_, figures) in per_decoder.items()},
               "thresholds": limits, "summary": summary}
-    task = evaluate(pipe, reference) if evaluate else None
+    task = evaluate(pipe.using_decoder(pipe.decoder_graph), reference) if evaluate else None
     if task:  # reported, not gated: on a few hundred examples a point or two is sampling noise
         report["task"] = task
         summary.update(task_exact_match=task["artifact"]["exact_match"], task_reference_exact_match=task["reference"]["exact_match"],

@@ -45,6 +45,12 @@ def _token_ids(args):
 def cmd_export(args) -> None:
     from moss_edge.export.onnx_export import export_artifact
 
+    if args.recipe:
+        from moss_edge.quantize.artifact import export_quantized
+
+        _quantize(args, lambda **options: export_quantized(args.checkpoint, args.output, opset=args.opset,
+                                                           token_ids=_token_ids(args), **options))
+        return
     out = export_artifact(args.checkpoint, args.output, opset=args.opset, verify_steps=args.verify_steps,
                           token_ids=_token_ids(args), log=lambda m: print(m, file=sys.stderr))
     parity = json.loads((out / "manifest.json").read_text())["parity"]
@@ -197,6 +203,12 @@ def cmd_bench(args) -> None:
 
 def cmd_quantize(args) -> None:
     from moss_edge.quantize.artifact import quantize_artifact
+
+    _quantize(args, lambda **options: quantize_artifact(args.artifact, args.output, **options))
+
+
+def _quantize(args, make) -> None:
+    """What quantize and export --recipe share: the recipe, the verifier, the report."""
     from moss_edge.quantize.plan import summarize_kept
     from moss_edge.quantize.recipe import load_recipe
     from moss_edge.export.writer import check_output
@@ -210,8 +222,8 @@ def cmd_quantize(args) -> None:
 
         verify = Verifier(args.reference, args.verify_audio, args.steps, evaluate=task_report(args.task_examples))
     cache = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "moss-edge"
-    result = quantize_artifact(args.artifact, args.output, recipe, calibration=args.calibration, cache_dir=cache,
-                               verify=verify, keep_until_pass=args.keep_until_pass, log=lambda m: print(m, file=sys.stderr))
+    result = make(recipe=recipe, calibration=args.calibration, cache_dir=cache, verify=verify,
+                  keep_until_pass=args.keep_until_pass, log=lambda m: print(m, file=sys.stderr))
     manifest = result.manifest
     for line in summarize_kept(manifest["quantization"]["higher_precision"]):
         print(f"kept: {line}")
@@ -253,6 +265,19 @@ def cmd_eval(args) -> None:
         print(f"  class {label:<14} {acc:.3f}")
 
 
+def _quantize_options(p) -> None:
+    p.add_argument("--calibration", help="audio folder, glob or list file (default: the bundled recordings)")
+    p.add_argument("--reference", help="checkpoint to verify against (default: the one the artifact came from)")
+    p.add_argument("--verify-audio", action="append", help="held-out audio for the parity check")
+    p.add_argument("--steps", type=int, default=32, help="decode steps in the parity check")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    p.add_argument("--task-examples", type=int, default=100,
+                   help="held-out sound-event examples for task accuracy, when the artifact comes from `moss-edge train-tiny`'s model (0: off)")
+    p.add_argument("--keep-until-pass", action="store_true",
+                   help="keep the most error-sensitive decoder weights more precise until the parity check passes")
+    p.add_argument("--cache-dir", help="where calibration statistics are cached (default ~/.cache/moss-edge)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moss_edge.runtime.session import PROVIDERS
 
@@ -288,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-start-id", type=int, help="id of <|audio_bos|> (default: processor_config.json, else upstream's)")
     p.add_argument("--audio-end-id", type=int, help="id of <|audio_eos|> (default: processor_config.json, else upstream's)")
     p.add_argument("--digit-ids", help="ids of the digits 0-9 used by time markers, comma-separated (default: 15-24)")
+    p.add_argument("--recipe", help="straight to a quantized artifact (int8, int4, int4-awq, int4-trt or a JSON recipe "
+                                    "file): each weight read from the checkpoint, quantized and written, no fp32 artifact")
+    _quantize_options(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quantize", help="make an INT8 / INT4 artifact from an fp32 one",
@@ -297,16 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="an fp32 artifact made by `moss-edge export`")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--recipe", default="int4-awq", help="int8, int4, int4-awq, int4-trt, or a JSON recipe file")
-    p.add_argument("--calibration", help="audio folder, glob or list file (default: the bundled recordings)")
-    p.add_argument("--reference", help="checkpoint to verify against (default: the one the artifact came from)")
-    p.add_argument("--verify-audio", action="append", help="held-out audio for the parity check")
-    p.add_argument("--steps", type=int, default=32, help="decode steps in the parity check")
-    p.add_argument("--no-verify", action="store_true", help="skip the parity check")
-    p.add_argument("--task-examples", type=int, default=100,
-                   help="held-out sound-event examples for task accuracy, when the artifact comes from `moss-edge train-tiny`'s model (0: off)")
-    p.add_argument("--keep-until-pass", action="store_true",
-                   help="keep the most error-sensitive decoder weights more precise until the parity check passes")
-    p.add_argument("--cache-dir", help="where calibration statistics are cached (default ~/.cache/moss-edge)")
+    _quantize_options(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("run", help="answer a question about audio with an artifact",

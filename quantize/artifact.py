@@ -7,6 +7,7 @@ more precise until the parity check passes.
 """
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +15,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from moss_edge.calibration.activations import activation_ranges, decoder_input_stats
+from moss_edge.calibration.activations import activation_ranges, decoder_input_stats, reference_input_stats
 from moss_edge.calibration.dataset import build_samples, find_audio
-from moss_edge.export.config import parse_config
+from moss_edge.export.config import load_config, parse_config
 from moss_edge.export.ort_decoder import write_ort_decoder
 from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
 from moss_edge.quantize.dynamic_int8 import quantize_dynamic_int8
 from moss_edge.quantize.graph import WeightRule, quantize_weights, weight_sensitivity
 from moss_edge.quantize.kernels import cpu_kernels
 from moss_edge.quantize.plan import GraphPlan, higher_precision_weights, plan_graph
+from moss_edge.quantize.preflight import check_fits
 from moss_edge.quantize.recipe import Recipe
 from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.errors import MossEdgeError
@@ -57,19 +59,25 @@ class QuantizeResult:
 
 
 def plan(src: Artifact, recipe: Recipe) -> dict[str, GraphPlan]:
-    return {name: plan_graph(src.graph_path(name), name, graph) for name, graph in recipe.graphs.items()}
+    checkpoint = Path(src.manifest["source"]["checkpoint"]) if src.manifest.get("weights_in_checkpoint") else None
+    return {name: plan_graph(src.graph_path(name), name, graph, checkpoint) for name, graph in recipe.graphs.items()}
 
 
 def calibrate(src: Artifact, recipe: Recipe, plans: dict[str, GraphPlan], calibration: str | None,
-              cache_dir: Path | None, log) -> Calibration:
-    """Decoder input statistics (AWQ, clipping) and activation scales (W8A8) from real audio."""
+              cache_dir: Path | None, log, reference=None) -> Calibration:
+    """Decoder input statistics (AWQ, clipping) and activation scales (W8A8) from real audio.
+    reference: the fp32 PyTorch model when one is loaded already (the verifier's)."""
     if not recipe.needs_calibration:
         return Calibration()
     samples = build_samples(find_audio(calibration), count=recipe.calibration_samples)
     log(f"calibration: {len(samples)} samples from {len({s.path for s in samples})} file(s)")
     decoder, stats = plans["decoder"], None
     if decoder.recipe.method != "rtn" and decoder.recipe.precision in ("int4", "int8"):
-        stats = decoder_input_stats(src.root, decoder.model, list(decoder.rules), samples, cache_dir)
+        if decoder.in_checkpoint:
+            stats = reference_input_stats(Path(src.manifest["source"]["checkpoint"]), src.token_ids, list(decoder.rules),
+                                          decoder.model, samples, reference)
+        else:
+            stats = decoder_input_stats(src.root, decoder.model, list(decoder.rules), samples, cache_dir)
     scales = {}
     for name, p in plans.items():
         if p.recipe.precision == "w8a8":
@@ -85,14 +93,23 @@ def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration
     for old in tmp.glob(f"{p.name}*.onnx*"):  # an earlier keep-until-pass round (decoder_ort.onnx with the decoder)
         old.unlink()
     written = WrittenGraph(precision, onnx.ModelProto(), promoted=dict(promoted or {}))
-    if precision == "fp32":
+    if precision == "fp32" and p.in_checkpoint:
+        quantize_weights(p.model, p.read, dst, {})  # the weights as they are, read from the shards
+    elif precision == "fp32":
         for f in src.manifest["graphs"][p.name]["files"]:
             shutil.copy(src.root / f, tmp / f)
+    elif precision == "int8-dynamic" and p.in_checkpoint:
+        # ONNX Runtime's quantizer reads a whole fp32 graph file: the one fp32 file this path writes
+        fp32 = tmp / "fp32" / dst.name
+        fp32.parent.mkdir()
+        quantize_weights(p.model, p.read, fp32, {})
+        written.dynamic_int8 = quantize_dynamic_int8(fp32, dst)
+        shutil.rmtree(fp32.parent)
     elif precision == "int8-dynamic":
         written.dynamic_int8 = quantize_dynamic_int8(p.path, dst)
     else:
         rules = promote(p.rules, list(written.promoted))
-        written.weights = quantize_weights(p.model, src.root, dst, rules,
+        written.weights = quantize_weights(p.model, p.read, dst, rules,
                                            calibration.decoder_stats if p.name == "decoder" else None,
                                            calibration.activation_scales.get(p.name))
     written.proto = onnx.load(str(dst), load_external_data=False)
@@ -118,7 +135,7 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
     """The new artifact's manifest, from the source's and what was written; written once,
     marked unfinished until the artifact is verified."""
     manifest = json.loads(json.dumps(src.manifest))
-    for key in ("parity", "parity_report"):  # the source's result does not describe these graphs
+    for key in ("parity", "parity_report", "weights_in_checkpoint"):  # the source's, not these graphs'
         manifest.pop(key, None)
     hashed = {}  # decoder and decoder_ort share decoder.onnx.data: hashed once
     manifest["graphs"] = {name: graph_entry(tmp, name, w.precision, w.proto, hashed) for name, w in written.items()}
@@ -134,7 +151,8 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
         log(f"warning: ONNX Runtime CPU left DequantizeLinear unfused in {unfused}: those weights run dequantized")
     quantized = {name: w for name, w in written.items() if w.precision not in ("fp32", "int8-dynamic")}
     manifest["quantization"] = {
-        "recipe": recipe.to_dict(), "from": str(src.root.resolve()),
+        "recipe": recipe.to_dict(),
+        "from": src.manifest["source"]["checkpoint"] if src.manifest.get("weights_in_checkpoint") else str(src.root.resolve()),
         "dynamic_int8": {name: w.dynamic_int8 for name, w in written.items() if w.dynamic_int8},
         "higher_precision": {name: higher_precision_weights(plans[name], w.proto, {
             n: f"--keep-until-pass: one step more precise (weighted error {e:.2e})" for n, e in w.promoted.items()})
@@ -154,7 +172,7 @@ def keep_more_precise_until_pass(src: Artifact, tmp: Path, recipe: Recipe, plans
     """Keep the decoder weights with the largest measured quantization error one step more
     precise, 1, 2, 4, ... of them, until the parity check passes or none is left."""
     decoder = plans["decoder"]
-    sensitivity = weight_sensitivity(decoder.model, src.root, decoder.rules, calibration.decoder_stats)
+    sensitivity = weight_sensitivity(decoder.model, decoder.read, decoder.rules, calibration.decoder_stats)
     ranked = sorted(sensitivity, key=sensitivity.get, reverse=True)
     count, manifest, report = 1, None, None
     while count <= len(ranked):
@@ -192,7 +210,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
         if isinstance(verify, Verifier):
             verify.check(src.root)  # a wrong or missing reference fails now, not after the work
     plans = plan(src, recipe)
-    calib = calibrate(src, recipe, plans, calibration, cache_dir, log)
+    calib = calibrate(src, recipe, plans, calibration, cache_dir, log, getattr(verify, "model", None))
     with staged_dir(out) as tmp:
         written = {}
         for name, p in plans.items():
@@ -213,6 +231,29 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
         del manifest["unfinished"]
         write_manifest(tmp, manifest)  # the last file written
     return QuantizeResult(out, manifest, report)
+
+
+def export_quantized(checkpoint_dir: str | Path, out_dir: str | Path, recipe: Recipe, opset: int = 21,
+                     token_ids=None, log=print, **options) -> QuantizeResult:
+    """Checkpoint -> quantized artifact with no fp32 artifact in between: the graphs are traced
+    with their weights left in the checkpoint, and the quantizer reads each weight from the shards,
+    quantizes it and writes it (calibration runs the PyTorch model one layer at a time). options:
+    those of quantize_artifact."""
+    from moss_edge.export.onnx_export import export_artifact
+
+    out = Path(out_dir)
+    check_output(out)
+    if any(g.precision == "w8a8" for g in recipe.graphs.values()):
+        raise MossEdgeError(f"recipe {recipe.name} calibrates activation scales on fp32 graphs: export the fp32 "
+                            "artifact first (moss-edge export without --recipe), then quantize it")
+    check_fits(load_config(checkpoint_dir), recipe, out, log)
+    # the traced graphs (a few MB), named like a staging folder so that a killed run's are removed by the next
+    graphs = out.parent / f".{out.name}.staging-{os.getpid()}-graphs"
+    try:
+        export_artifact(checkpoint_dir, graphs, opset, token_ids=token_ids, log=log, in_checkpoint=True)
+        return quantize_artifact(graphs, out, recipe, log=log, **options)
+    finally:
+        shutil.rmtree(graphs, ignore_errors=True)
 
 
 def weight_bytes(model: onnx.ModelProto) -> dict:

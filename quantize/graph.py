@@ -5,6 +5,7 @@ A quantized MatMul weight becomes INT4/INT8 data, fp32 scales and a DequantizeLi
 untouched. TensorRT runs the pattern as is; ONNX Runtime CPU fuses it into MatMulNBits at load.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,10 +167,12 @@ def quantized_activations(rw: Rewrite, name: str, users: list[onnx.NodeProto], s
     return done
 
 
-def quantize_weights(model: onnx.ModelProto, root: Path, dst: Path, plan: dict[str, WeightRule],
-                     stats: dict[str, dict] | None = None, activation_scales: dict[str, float] | None = None) -> dict:
-    """Write dst (+ dst.data) from the fp32 graph `model` (parsed without external data, which
-    is read from root; the proto is not changed) with the initializers in `plan` quantized.
+def quantize_weights(model: onnx.ModelProto, read: Callable[[TensorProto], np.ndarray], dst: Path,
+                     plan: dict[str, WeightRule], stats: dict[str, dict] | None = None,
+                     activation_scales: dict[str, float] | None = None) -> dict:
+    """Write dst (+ dst.data) from the fp32 graph `model` (parsed without external data; read
+    gives each initializer's value; the proto is not changed) with the initializers in `plan`
+    quantized. An empty plan writes the graph with every weight as it is.
 
     stats maps a MatMul input tensor name to {"sq": E[x^2], "abs": E[|x|]} per input channel,
     for the data-aware methods. activation_scales (W8A8) maps a MatMul input to the scale of its
@@ -182,7 +185,7 @@ def quantize_weights(model: onnx.ModelProto, root: Path, dst: Path, plan: dict[s
     rw, done = Rewrite(ExternalWriter(dst.parent / f"{dst.name}.data")), {}
     try:
         for init in model.graph.initializer:
-            value = read_initializer(init, root)
+            value = read(init)
             rule = plan.get(init.name)
             if rule is None:
                 rw.initializers.append(rw.writer.tensor(init.name, init.data_type, init.dims,
@@ -214,7 +217,7 @@ def quantize_weights(model: onnx.ModelProto, root: Path, dst: Path, plan: dict[s
     return done
 
 
-def weight_sensitivity(model: onnx.ModelProto, root: Path, plan: dict[str, WeightRule],
+def weight_sensitivity(model: onnx.ModelProto, read: Callable[[TensorProto], np.ndarray], plan: dict[str, WeightRule],
                        stats: dict[str, dict] | None = None) -> dict[str, float]:
     """Relative output error of each planned MatMul weight under its rule (round to nearest):
     sum_k h_k |W_k - Q(W)_k|^2 / sum_k h_k |W_k|^2 with h = E[x^2] of the input when known."""
@@ -224,7 +227,7 @@ def weight_sensitivity(model: onnx.ModelProto, root: Path, plan: dict[str, Weigh
         rule = plan.get(init.name)
         if rule is None or init.name not in inputs:
             continue
-        w = np.asarray(read_initializer(init, root), np.float32)
+        w = np.asarray(read(init), np.float32)
         h = stats[inputs[init.name]]["sq"] if stats and inputs[init.name] in stats else np.ones(w.shape[0], np.float32)
         q, scale = quantize_blocked(w, rule.bits, rule.block)
         err = (h[:, None] * (w - dequantize_blocked(q, scale, rule.block)) ** 2).sum()

@@ -1,12 +1,14 @@
 """Which weights of a graph a recipe quantizes, and why every other weight stays more precise."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from moss_edge.quantize.graph import WeightRule
+from moss_edge.export.onnx_export import IN_CHECKPOINT, CheckpointWeights
+from moss_edge.quantize.graph import WeightRule, read_initializer
 from moss_edge.quantize.recipe import GraphRecipe
 
 BITS = {"int4": 4, "int8": 8, "w8a8": 8}
@@ -58,14 +60,33 @@ class GraphPlan:
     recipe: GraphRecipe
     model: onnx.ModelProto
     rules: dict[str, WeightRule]
+    read: Callable[[onnx.TensorProto], np.ndarray]  # an initializer's value, wherever it is stored
+
+    @property
+    def in_checkpoint(self) -> bool:
+        """Whether the graph's weights are still in the checkpoint (an export for a recipe)."""
+        return any(e.value == IN_CHECKPOINT for i in self.model.graph.initializer for e in i.external_data)
 
     @property
     def weights(self) -> dict[str, tuple[str, list[int]]]:
         return _weights(self.model)
 
 
-def plan_graph(path: Path, name: str, recipe: GraphRecipe) -> GraphPlan:
-    """Every weight the recipe quantizes (2-D MatMul weights, Gather tables) with its rule."""
+def weight_reader(root: Path, checkpoint: Path | None) -> Callable[[onnx.TensorProto], np.ndarray]:
+    """Reads an initializer of a graph in `root`: from its file, or from the checkpoint's shards
+    when the graph left it there."""
+    weights = CheckpointWeights(checkpoint) if checkpoint is not None else None
+
+    def read(init: onnx.TensorProto) -> np.ndarray:
+        if any(e.value == IN_CHECKPOINT for e in init.external_data):
+            return weights.array(init.name)
+        return read_initializer(init, root)
+    return read
+
+
+def plan_graph(path: Path, name: str, recipe: GraphRecipe, checkpoint: Path | None = None) -> GraphPlan:
+    """Every weight the recipe quantizes (2-D MatMul weights, Gather tables) with its rule.
+    checkpoint: where the weights are when the graph left them in it."""
     model = onnx.load(str(path), load_external_data=False)
     rules = {}
     for weight, (op, dims) in _weights(model).items():
@@ -75,7 +96,7 @@ def plan_graph(path: Path, name: str, recipe: GraphRecipe) -> GraphPlan:
         table = "lm_head" in weight or op == "Gather"
         rules[weight] = WeightRule(BITS[precision], recipe.block, "rtn" if table else recipe.method,
                                    per_channel=precision == "w8a8")
-    return GraphPlan(name, path, recipe, model, rules)
+    return GraphPlan(name, path, recipe, model, rules, weight_reader(path.parent, checkpoint))
 
 
 def higher_precision_weights(plan: GraphPlan, written: onnx.ModelProto,

@@ -10,6 +10,7 @@ import numpy as np
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+COLUMNS = 8192  # output columns quantized at a time
 
 
 def qmax(bits: int) -> int:
@@ -27,13 +28,19 @@ def _blocks(x: np.ndarray, block: int) -> np.ndarray:
 
 def quantize_blocked(w: np.ndarray, bits: int, block: int, clip: np.ndarray | float = 1.0):
     """w [K, N] -> (q int8 [K, N], scale float32 [ceil(K/block), N]). clip shrinks each block's
-    range (scalar, or one per block and column) so outliers cost less resolution."""
+    range (scalar, or one per block and column) so outliers cost less resolution. Columns go
+    in slices, so the temporaries stay small for any width (an 8B lm_head is 2.5 GB in fp32)."""
     k, n = w.shape
-    blocks = _blocks(np.asarray(w, np.float32), block)
-    scale = np.abs(blocks).max(axis=1) * clip / qmax(bits)
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax(bits) - 1, qmax(bits))
-    return q.astype(np.int8).reshape(-1, n)[:k], scale
+    q = np.empty((k, n), np.int8)
+    scale = np.empty((-(-k // block), n), np.float32)
+    for c in range(0, n, COLUMNS):
+        cols = slice(c, min(c + COLUMNS, n))
+        blocks = _blocks(np.asarray(w[:, cols], np.float32), block)
+        s = np.abs(blocks).max(axis=1) * (clip[:, cols] if np.ndim(clip) else clip) / qmax(bits)
+        s = np.where(s == 0, 1.0, s).astype(np.float32)
+        scale[:, cols] = s
+        q[:, cols] = np.clip(np.rint(blocks / s[:, None, :]), -qmax(bits) - 1, qmax(bits)).reshape(-1, blocks.shape[2])[:k]
+    return q, scale
 
 
 def dequantize_blocked(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The device-side pipeline: audio -> encoder -> adapter -> prompt -> decoder loop, on ONNX Runtime."""
 
+import copy
 import io
 import threading
 import time
@@ -98,6 +99,7 @@ class Pipeline:
             profiles = trt_profiles(graph, self.dims, limits or ShapeLimits()) if provider == "tensorrt" else None
             return make_session(artifact.graph_path(graph), provider, threads, cache, profiles)
 
+        self._session = session
         self.encoder, self.adapter = session("encoder"), session("adapter")
         # Encoder chunks per run. On CPU, one at a time costs the least memory for nearly the best
         # speed (4B widths, 30 s = 8 chunks, 2 threads: 1 per run 0.75 s and 0.27 GB of
@@ -120,6 +122,19 @@ class Pipeline:
         self.tokenizer = TextTokenizer.from_dir(artifact.root) if artifact.tokenizer_files else None
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside generate/stream, to catch re-entry
+
+    def using_decoder(self, graph: str) -> "Pipeline":
+        """This pipeline with another of the artifact's decoders (verify checks each), sharing the
+        encoder and adapter sessions; the decoder it is made from can be dropped first, so that
+        one decoder's weights are in memory at a time."""
+        if graph not in self.artifact.manifest["graphs"]:
+            raise MossEdgeError(f"{self.artifact.root} has no {graph!r} graph")
+        other = copy.copy(self)
+        loaded = self._session(graph)
+        check_graph_io(self.artifact, graph, loaded)
+        other.decoder_graph, other.decoder = graph, decoder_runner(graph, loaded, self.dims)
+        other._lock, other._owner = threading.Lock(), None
+        return other
 
     @contextmanager
     def _serving(self):

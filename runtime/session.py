@@ -89,3 +89,14 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as err:
         raise MossEdgeError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from None
+
+
+def available_memory() -> int:
+    """Bytes the kernel reports as available (MemAvailable), or a large number if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 50

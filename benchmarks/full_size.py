@@ -1,0 +1,158 @@
+"""MOSS-Audio at full size on this machine, end to end, each step as a user runs it (the CLI):
+synthetic checkpoint at the released config, export straight to a quantized artifact, verify
+against the PyTorch model loaded piecewise, then load + a 30 s clip at full depth. Per step:
+wall time, peak RSS (of that process, from wait4) and peak disk use of the work folder. The
+same recipe at 2 and 4 layers gives the per-layer extrapolation the full-depth run is checked
+against. Writes benchmarks/full-size-<preset>.json and .png.
+
+    python benchmarks/full_size.py --preset 4b --workdir /big/disk/full
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from moss_edge.bench import BenchSettings, directory_mib, extrapolate
+
+CLI = [sys.executable, "-m", "moss_edge.cli"]
+
+
+def run_step(name: str, cmd: list[str], workdir: Path, log: Path) -> dict:
+    """Run one step; its wall time, peak RSS and the work folder's peak size while it ran."""
+    print(f"[{name}] {' '.join(cmd)}", flush=True)
+    peak_disk, done = [directory_mib(workdir)], threading.Event()
+
+    def watch_disk():
+        while not done.wait(2.0):
+            peak_disk[0] = max(peak_disk[0], directory_mib(workdir))
+
+    watcher = threading.Thread(target=watch_disk, daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    done.set()
+    watcher.join()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"step {name} failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
+    result = {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2**20, "peak_disk_gib": peak_disk[0] / 1024,
+              "disk_after_gib": directory_mib(workdir) / 1024}
+    print(f"[{name}] {wall:.0f} s, peak RSS {result['peak_rss_gib']:.2f} GiB, peak disk {result['peak_disk_gib']:.1f} GiB",
+          flush=True)
+    return result
+
+
+def time_artifact(artifact: Path, settings: BenchSettings, log: Path) -> dict:
+    """bench's worker on one artifact: load, encode the clip, prefill, decode (its own process)."""
+    cmd = [sys.executable, "-m", "moss_edge.bench", "ort", str(artifact), json.dumps(asdict(settings))]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    log.write_text(out.stdout + out.stderr)
+    if out.returncode != 0:
+        raise SystemExit(f"timing {artifact} failed; see {log}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def graph_sizes(artifact: Path) -> dict[str, float]:
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    return {name: sum((artifact / f).stat().st_size for f in g["files"]) / 2**20 for name, g in manifest["graphs"].items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=["4b", "8b"], default="4b")
+    parser.add_argument("--recipe", default="int4-awq")
+    parser.add_argument("--workdir", type=Path, required=True, help="a folder on a disk with room for the checkpoint")
+    parser.add_argument("--verify-steps", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    args = parser.parse_args()
+    work, logs = args.workdir, args.workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    settings = BenchSettings()
+    checkpoint, artifact = work / f"ckpt-{args.preset}", work / f"{args.preset}-{args.recipe}"
+    steps = {}
+    if not checkpoint.exists():
+        steps["synthetic"] = run_step("synthetic", [*CLI, "synthetic", "-o", str(checkpoint), "--preset", args.preset],
+                                      work, logs / "synthetic.log")
+    steps["export_quantize"] = run_step(
+        "export --recipe", [*CLI, "export", str(checkpoint), "-o", str(artifact), "--recipe", args.recipe, "--no-verify",
+                            "--cache-dir", str(work / "cache")], work, logs / "export.log")
+    steps["verify"] = run_step("verify", [*CLI, "verify", str(artifact), "--steps", str(args.verify_steps),
+                                          "--json", str(work / "parity.json")], work, logs / "verify.log")
+    run = time_artifact(artifact, settings, logs / "run.log")
+    on_disk = directory_mib(artifact)
+    steps["load_and_answer"] = {"peak_rss_gib": run["peak_rss_mib"] / 1024}
+
+    # the same recipe at 2 and 4 layers, for the per-layer extrapolation
+    shallow = {}
+    for depth in (2, 4):
+        small = work / f"ckpt-{args.preset}-{depth}l"
+        if not small.exists():
+            subprocess.run([*CLI, "synthetic", "-o", str(small), "--preset", args.preset, "--encoder-layers", str(depth),
+                            "--decoder-layers", str(depth)], check=True, capture_output=True)
+        small_artifact = work / f"{args.preset}-{depth}l-{args.recipe}"
+        if not small_artifact.exists():
+            subprocess.run([*CLI, "export", str(small), "-o", str(small_artifact), "--recipe", args.recipe, "--no-verify",
+                            "--cache-dir", str(work / "cache")], check=True, capture_output=True)
+        shallow[depth] = time_artifact(small_artifact, settings, logs / f"run-{depth}l.log")
+    from moss_edge.export.synthetic import preset
+
+    full = preset(args.preset)
+    predicted = extrapolate(shallow, full.audio.encoder_layers, full.language.num_hidden_layers)
+    parity = json.loads((work / "parity.json").read_text())
+    result = {
+        "preset": args.preset, "recipe": args.recipe, "settings": asdict(settings),
+        "cpu": cpu_flags(), "steps": steps, "artifact_mib": on_disk, "graph_mib": graph_sizes(artifact),
+        "checkpoint_mib": directory_mib(checkpoint), "full_depth": run, "rss_over_disk": run["peak_rss_mib"] / on_disk,
+        "extrapolated_from_2_4_layers": predicted, "shallow": {str(d): r for d, r in shallow.items()},
+        "decode_measured_over_extrapolated": run["decode_ms_per_token"] / predicted["decode_ms_per_token"],
+        "ttft_measured_over_extrapolated": run["time_to_first_token_s"] / predicted["time_to_first_token_s"],
+        "parity": {k: parity["summary"][k] for k in ("passed", "precision", "worst_cosine", "kl_mean", "top1_agreement",
+                                                     "greedy_match")} | {"reference": parity.get("reference")},
+    }
+    path = args.out / f"full-size-{args.preset}.json"
+    path.write_text(json.dumps(result, indent=2))
+    chart(result, path.with_suffix(".png"))
+    print(f"wrote {path}")
+
+
+def cpu_flags() -> str:
+    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0].split()
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "asimd", "asimddp") if f in flags)
+
+
+def chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = result["steps"]
+    names = list(steps)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar(names, [steps[n]["peak_rss_gib"] for n in names], color="#4c72b0")
+    ax1.set_ylabel("peak RSS (GiB)")
+    ax1.set_title(f"MOSS-Audio-{result['preset'].upper()} {result['recipe']}: memory per step")
+    ax1.tick_params(axis="x", rotation=20)
+    measured, predicted = result["full_depth"], result["extrapolated_from_2_4_layers"]
+    keys = [("time_to_first_token_s", "first token (s)"), ("decode_ms_per_token", "decode (ms/token / 10)")]
+    x = range(len(keys))
+    scale = [1, 0.1]
+    ax2.bar([i - 0.2 for i in x], [measured[k] * s for (k, _), s in zip(keys, scale)], 0.4, label="full depth, measured")
+    ax2.bar([i + 0.2 for i in x], [predicted[k] * s for (k, _), s in zip(keys, scale)], 0.4, label="2/4 layers, extrapolated")
+    ax2.set_xticks(list(x), [label for _, label in keys])
+    ax2.set_title(f"30 s clip, {result['settings']['threads']} threads [{result['cpu']}]", fontsize=9)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The paths that make full-size models fit (issue 14), run here at test sizes: the reference
+model one layer at a time, export straight to a quantized artifact, memory checks up front."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moss_edge.export import verify
+from moss_edge.export.checkpoint import load_model, read_token_ids, reference_bytes
+from moss_edge.export.config import load_config
+from moss_edge.export.reference import ReferencePipeline
+from moss_edge.quantize.artifact import export_quantized, quantize_artifact
+from moss_edge.quantize.recipe import load_recipe
+from moss_edge.runtime.audio import load_audio
+from moss_edge.runtime.errors import MossEdgeError
+
+
+def _run(ref: ReferencePipeline, wave: np.ndarray):
+    features = ref.encode([wave])
+    prompt = [ref.ids.audio_start, *[ref.ids.audio_token] * len(features.embeds), ref.ids.audio_end]
+    prefill = ref.prefill(prompt, features)
+    return features, prefill, ref.step(int(np.argmax(prefill))), ref.step(3)
+
+
+def test_piecewise_reference_equals_the_whole_model_and_holds_no_layer(synthetic_checkpoint, upstream):
+    ids = read_token_ids(synthetic_checkpoint)
+    wave = load_audio(upstream["audio"])
+    whole = _run(ReferencePipeline(load_model(synthetic_checkpoint, torch.float32), ids), wave)
+    model = load_model(synthetic_checkpoint, torch.float32, piecewise=True)
+    pieces = _run(ReferencePipeline(model, ids), wave)
+    for a, b in zip([*whole[0].__dict__.values()][:4] + list(whole[1:]), [*pieces[0].__dict__.values()][:4] + list(pieces[1:])):
+        np.testing.assert_array_equal(a, b)
+    # between calls the layers, adapter and mergers are unloaded; embedding and lm_head stay
+    assert all(p.is_meta for p in model.language_model.layers.parameters())
+    assert all(p.is_meta for p in model.audio_encoder.layers.parameters())
+    assert all(p.is_meta for p in model.audio_adapter.parameters())
+    assert not model.lm_head.weight.is_meta and not model.language_model.embed_tokens.weight.is_meta
+    cfg = load_config(synthetic_checkpoint)
+    assert reference_bytes(cfg, piecewise=True) < reference_bytes(cfg, piecewise=False)
+
+
+def test_export_with_a_recipe_writes_what_export_then_quantize_writes(upstream, fixture_artifact, tmp_path):
+    """INT4 RTN (no calibration): the same bytes either way; no fp32 graph and no traced-graphs
+    folder is left behind; the manifest names the checkpoint as the source."""
+    recipe = load_recipe("int4")
+    direct = export_quantized(upstream["checkpoint"], tmp_path / "direct", recipe, token_ids=upstream["ids"],
+                              verify=False, log=lambda m: None)
+    two_step = quantize_artifact(fixture_artifact, tmp_path / "two-step", recipe, verify=False, log=lambda m: None)
+    for f in ("decoder.onnx", "decoder.onnx.data", "decoder_ort.onnx", "encoder.onnx"):
+        assert (direct.path / f).read_bytes() == (two_step.path / f).read_bytes(), f
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct", "two-step"]
+    assert not [p for p in direct.path.iterdir() if p.name in ("fp32", "weights-in-checkpoint")]
+    manifest = json.loads((direct.path / "manifest.json").read_text())
+    assert "weights_in_checkpoint" not in manifest and "unfinished" not in manifest
+    assert manifest["quantization"]["from"] == str(upstream["checkpoint"].resolve())
+    assert manifest["decoders"] == {"cpu": "decoder_ort"}
+    assert {g: e["precision"] for g, e in manifest["graphs"].items()} == \
+        {g: e["precision"] for g, e in two_step.manifest["graphs"].items()}
+
+
+def test_export_with_awq_calibrates_on_the_reference_and_passes_parity(synthetic_checkpoint, tmp_path):
+    """AWQ statistics from the PyTorch model run layer by layer: the artifact passes the INT4 gate
+    against a piecewise reference, and the report says which reference it was."""
+    result = export_quantized(synthetic_checkpoint, tmp_path / "awq", load_recipe("int4-awq"),
+                              verify=verify.Verifier(steps=8), log=lambda m: None)
+    assert result.passed, result.report["summary"]["failures"]
+    weights = result.manifest["quantization"]["weights"]["decoder"]
+    assert any(w["awq"] for w in weights.values())  # the statistics reached the quantizer
+    assert result.report["reference"].startswith("fp32 PyTorch")
+
+
+def test_a_recipe_that_needs_fp32_graphs_is_refused_before_any_work(synthetic_checkpoint, tmp_path):
+    with pytest.raises(MossEdgeError, match="export the fp32 artifact first"):
+        export_quantized(synthetic_checkpoint, tmp_path / "w8a8", load_recipe("w8a8"), log=lambda m: None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_reference_is_loaded_piecewise_when_memory_is_short_and_refused_when_even_that_does_not_fit(
+        synthetic_artifact, synthetic_checkpoint, monkeypatch):
+    cfg = load_config(synthetic_checkpoint)
+    on_disk = sum(p.stat().st_size for p in synthetic_artifact.iterdir())
+    whole, pieces = reference_bytes(cfg, False), reference_bytes(cfg, True)
+    monkeypatch.setattr(verify, "available_memory", lambda: int(1.5 * (whole + on_disk)))
+    assert verify.reference_model(synthetic_checkpoint, synthetic_artifact).piecewise
+    monkeypatch.setattr(verify, "available_memory", lambda: 4 * (whole + on_disk))
+    assert not verify.reference_model(synthetic_checkpoint, synthetic_artifact).piecewise
+    monkeypatch.setattr(verify, "available_memory", lambda: (pieces + on_disk) // 2)
+    with pytest.raises(MossEdgeError, match="GiB is available"):
+        verify.reference_model(synthetic_checkpoint, synthetic_artifact)
