@@ -101,10 +101,9 @@ def check_checkpoint(checkpoint_dir: str | Path) -> None:
 def load_model(checkpoint_dir: str | Path, dtype: torch.dtype | None = None, piecewise: bool = False) -> MossAudio:
     """Load the reference model; dtype None keeps each tensor's stored dtype.
 
-    piecewise: the encoder and decoder layers, the adapter and the mergers stay unloaded and
-    each is read from the shards just before it runs and dropped after it, so a model of any
-    size runs in the memory of its embedding, lm_head and one layer (slower: every decode step
-    reads every layer again)."""
+    piecewise: the layers, embedding, lm_head, adapter and mergers stay unloaded and each is
+    read from the shards just before it runs and dropped after it, so a model of any size runs
+    in the memory of its largest piece (slower: every decode step reads every piece again)."""
     cfg = load_config(checkpoint_dir)
     with torch.device("meta"):
         model = MossAudio(cfg)
@@ -123,10 +122,12 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype | None = None, pie
 
 
 def piecewise_modules(model: MossAudio) -> list[tuple[str, nn.Module]]:
-    """The modules a piecewise model loads one at a time: the bulk of the weights."""
+    """The modules a piecewise model loads one at a time: all but the small encoder stem and
+    norms, so that between calls it holds almost nothing (it shares the machine with the
+    quantizer and the artifact's sessions)."""
     return [(n, m) for n, m in model.named_modules()
-            if n in ("audio_adapter",) or n.rpartition(".")[0] in ("audio_encoder.layers", "language_model.layers",
-                                                                    "deepstack_audio_merger_list")]
+            if n in ("audio_adapter", "language_model.embed_tokens", "lm_head")
+            or n.rpartition(".")[0] in ("audio_encoder.layers", "language_model.layers", "deepstack_audio_merger_list")]
 
 
 def _load(model: nn.Module, files: dict[str, Path], names: list[str], dtype: torch.dtype | None) -> None:
