@@ -50,13 +50,14 @@ def run_step(name: str, cmd: list[str], workdir: Path, log: Path) -> dict:
     return result
 
 
-def time_artifact(artifact: Path, settings: BenchSettings, log: Path) -> dict:
-    """bench's worker on one artifact: load, encode the clip, prefill, decode (its own process)."""
-    cmd = [sys.executable, "-m", "moss_edge.bench", "ort", str(artifact), json.dumps(asdict(settings))]
+def time_artifact(backend: str, path: Path, settings: BenchSettings, log: Path) -> dict:
+    """bench's worker on an artifact ("ort") or a checkpoint ("torch-bf16"): load, encode the
+    clip, prefill, decode, in its own process."""
+    cmd = [sys.executable, "-m", "moss_edge.bench", backend, str(path), json.dumps(asdict(settings))]
     out = subprocess.run(cmd, capture_output=True, text=True)
     log.write_text(out.stdout + out.stderr)
     if out.returncode != 0:
-        raise SystemExit(f"timing {artifact} failed; see {log}")
+        raise SystemExit(f"timing {backend} on {path} failed; see {log}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -77,17 +78,28 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     settings = BenchSettings()
     checkpoint, artifact = work / f"ckpt-{args.preset}", work / f"{args.preset}-{args.recipe}"
-    steps = {}
-    if not checkpoint.exists():
-        steps["synthetic"] = run_step("synthetic", [*CLI, "synthetic", "-o", str(checkpoint), "--preset", args.preset],
-                                      work, logs / "synthetic.log")
-    steps["export_quantize"] = run_step(
+    # each step's figures are kept in the work folder, so an interrupted run goes on where it stopped
+    state_file = work / f"state-{args.preset}-{args.recipe}.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+
+    def once(key: str, measure):
+        if key not in state:
+            state[key] = measure()
+            state_file.write_text(json.dumps(state, indent=2))
+        return state[key]
+
+    once("synthetic", lambda: run_step("synthetic", [*CLI, "synthetic", "-o", str(checkpoint), "--preset", args.preset],
+                                       work, logs / "synthetic.log"))
+    once("export_quantize", lambda: run_step(
         "export --recipe", [*CLI, "export", str(checkpoint), "-o", str(artifact), "--recipe", args.recipe, "--no-verify",
-                            "--cache-dir", str(work / "cache")], work, logs / "export.log")
-    steps["verify"] = run_step("verify", [*CLI, "verify", str(artifact), "--steps", str(args.verify_steps),
-                                          "--json", str(work / "parity.json")], work, logs / "verify.log")
-    run = time_artifact(artifact, settings, logs / "run.log")
+                            "--cache-dir", str(work / "cache")], work, logs / "export.log"))
+    once("verify", lambda: run_step("verify", [*CLI, "verify", str(artifact), "--steps", str(args.verify_steps),
+                                               "--json", str(work / "parity.json")], work, logs / "verify.log"))
+    run = once("run", lambda: time_artifact("ort", artifact, settings, logs / "run.log"))
+    # upstream-style PyTorch bf16 on the same checkpoint at full depth, in the same run
+    torch_bf16 = once("torch_bf16", lambda: time_artifact("torch-bf16", checkpoint, settings, logs / "torch-bf16.log"))
     on_disk = directory_mib(artifact)
+    steps = {k: state[k] for k in ("synthetic", "export_quantize", "verify")}
     steps["load_and_answer"] = {"peak_rss_gib": run["peak_rss_mib"] / 1024}
 
     # the same recipe at 2 and 4 layers, for the per-layer extrapolation
@@ -101,7 +113,7 @@ def main() -> None:
         if not small_artifact.exists():
             subprocess.run([*CLI, "export", str(small), "-o", str(small_artifact), "--recipe", args.recipe, "--no-verify",
                             "--cache-dir", str(work / "cache")], check=True, capture_output=True)
-        shallow[depth] = time_artifact(small_artifact, settings, logs / f"run-{depth}l.log")
+        shallow[depth] = once(f"run_{depth}l", lambda: time_artifact("ort", small_artifact, settings, logs / f"run-{depth}l.log"))
     from moss_edge.export.synthetic import preset
 
     full = preset(args.preset)
@@ -111,6 +123,9 @@ def main() -> None:
         "preset": args.preset, "recipe": args.recipe, "settings": asdict(settings),
         "cpu": cpu_flags(), "steps": steps, "artifact_mib": on_disk, "graph_mib": graph_sizes(artifact),
         "checkpoint_mib": directory_mib(checkpoint), "full_depth": run, "rss_over_disk": run["peak_rss_mib"] / on_disk,
+        "torch_bf16_full_depth": torch_bf16,
+        "over_torch_bf16": {k: run[k] / torch_bf16[k] for k in ("encoder_s", "prefill_ms", "time_to_first_token_s",
+                                                                 "decode_ms_per_token")},
         "extrapolated_from_2_4_layers": predicted, "shallow": {str(d): r for d, r in shallow.items()},
         "decode_measured_over_extrapolated": run["decode_ms_per_token"] / predicted["decode_ms_per_token"],
         "ttft_measured_over_extrapolated": run["time_to_first_token_s"] / predicted["time_to_first_token_s"],

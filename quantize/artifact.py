@@ -98,15 +98,8 @@ def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration
     elif precision == "fp32":
         for f in src.manifest["graphs"][p.name]["files"]:
             shutil.copy(src.root / f, tmp / f)
-    elif precision == "int8-dynamic" and p.in_checkpoint:
-        # ONNX Runtime's quantizer reads a whole fp32 graph file: the one fp32 file this path writes
-        fp32 = tmp / "fp32" / dst.name
-        fp32.parent.mkdir()
-        quantize_weights(p.model, p.read, fp32, {})
-        written.dynamic_int8 = quantize_dynamic_int8(fp32, dst)
-        shutil.rmtree(fp32.parent)
     elif precision == "int8-dynamic":
-        written.dynamic_int8 = quantize_dynamic_int8(p.path, dst)
+        written.dynamic_int8 = quantize_dynamic_int8(p.model, p.read, dst)
     else:
         rules = promote(p.rules, list(written.promoted))
         written.weights = quantize_weights(p.model, p.read, dst, rules,

@@ -13,7 +13,7 @@ path run under qemu -cpu Haswell): full-range s8 0.9999 with VNNI / 0.963 on AVX
 (u8 x u8 has no VNNI kernel). 7-bit s8 costs nothing in speed anywhere.
 """
 
-import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,36 +21,80 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from moss_edge.quantize.conv_im2col import convolutions_as_matmuls
-from moss_edge.quantize.graph import read_initializer
+from moss_edge.quantize.graph import ExternalWriter, Rewrite, read_initializer
 
 INT16_MAX = 32767
 FORMAT = {"activations": "uint8, per tensor, quantized at run time", "weights": "int8 in [-64, 64], per output channel",
           "why": "u8 x s8 pair sums stay within int16, so AVX2 kernels without VNNI do not saturate"}
 
 
-def quantize_dynamic_int8(src: Path, dst: Path) -> dict:
-    """MatMul weights of src to 7-bit INT8 (per output channel), activations dynamic u8.
-    Returns the format record for the manifest, with the worst pair sum measured on dst."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    logging.getLogger().setLevel(logging.ERROR)  # its "run pre-processing" advice is for CNNs
-    big = sum(f.stat().st_size for f in src.parent.glob(f"{src.name}*")) > 1 << 30
-    model = onnx.load(str(src))
-    rewritten = convolutions_as_matmuls(model)  # the stem's convolutions become INT8 MatMuls too
-    staged = dst.parent / f"{dst.stem}.im2col.onnx"
-    onnx.save(model, str(staged), save_as_external_data=big, location=f"{staged.name}.data")
-    del model
+def quantize_dynamic_int8(model: onnx.ModelProto, read: Callable[[TensorProto], np.ndarray], dst: Path) -> dict:
+    """Write dst (+ dst.data) from the fp32 graph `model` (parsed without its weights; read gives
+    each initializer's value, one at a time): every MatMul on a constant 2-D weight becomes
+    dynamic INT8 with 7-bit weights per output channel, after the stem's convolutions become
+    MatMuls. The nodes are the pattern ONNX Runtime fuses into DynamicQuantizeMatMul. Returns
+    the format record for the manifest, with the worst pair sum measured on dst."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    rewritten = convolutions_as_matmuls(model, read)  # the stem's convolutions become INT8 MatMuls too
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    rw = Rewrite(ExternalWriter(dst.parent / f"{dst.name}.data"))
+    activations: dict[str, tuple[str, str, str]] = {}  # MatMul input -> its quantized (x, scale, zero point)
     try:
-        quantize_dynamic(str(staged), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                         op_types_to_quantize=["MatMul"], use_external_data_format=big,
-                         extra_options={"MatMulConstBOnly": True})
+        for init in model.graph.initializer:
+            value = read(init)
+            users = [u for u in consumers.get(init.name, []) if u.op_type == "MatMul" and u.input[1] == init.name]
+            if len(init.dims) != 2 or not users:
+                rw.initializers.append(rw.writer.tensor(init.name, init.data_type, init.dims,
+                                                        np.ascontiguousarray(value).tobytes()))
+                continue
+            q, scale = quantize_seven_bit(np.asarray(value, np.float32))
+            rw.initializers += [rw.writer.tensor(f"{init.name}_quantized", TensorProto.INT8, q.shape, q.tobytes()),
+                                rw.writer.tensor(f"{init.name}_scale", TensorProto.FLOAT, scale.shape, scale.tobytes()),
+                                rw.writer.tensor(f"{init.name}_zero_point", TensorProto.INT8, scale.shape,
+                                                 np.zeros(scale.shape, np.int8).tobytes())]
+            for user in users:
+                integer_matmul(rw, init.name, user, activations)
     finally:
-        for f in dst.parent.glob(f"{staged.name}*"):
-            f.unlink()
+        rw.writer.close()
+    rw.apply(model.graph)
+    onnx.save(model, str(dst))
+    if rw.writer.offset == 0:
+        rw.writer.path.unlink()
     worst = worst_pair_sum(dst)
-    if worst > INT16_MAX:  # the quantizer's reduce_range changed meaning: never ship such a graph
+    if worst > INT16_MAX:  # never ship a graph whose sums differ between CPUs
         raise RuntimeError(f"{dst}: u8 x s8 pair sums reach {worst} > {INT16_MAX}; the INT8 format is not CPU-independent")
     return {**FORMAT, "worst_u8s8_pair_sum": worst, "convolutions_as_matmuls": rewritten}
+
+
+def quantize_seven_bit(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w [K, N] -> (q int8 in [-64, 64], scale [N]): symmetric, one scale per output column."""
+    scale = (np.abs(w).max(axis=0) / 64).astype(np.float32)
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.empty(w.shape, np.int8)
+    for c in range(0, w.shape[1], 8192):  # bounded temporaries for wide weights
+        q[:, c:c + 8192] = np.clip(np.rint(w[:, c:c + 8192] / scale[c:c + 8192]), -64, 64)
+    return q, scale
+
+
+def integer_matmul(rw: Rewrite, weight: str, user: onnx.NodeProto, activations: dict) -> None:
+    """MatMul(x, W) -> DynamicQuantizeLinear(x) (once per x), MatMulInteger, Cast, and the two
+    scales multiplied in: y = float(x_q W_q) * (x_scale * w_scale)."""
+    x = user.input[0]
+    if x not in activations:
+        activations[x] = (f"{x}_quantized", f"{x}_scale", f"{x}_zero_point")
+        rw.insert_before(user, helper.make_node("DynamicQuantizeLinear", [x], list(activations[x]), name=f"{x}_quantize"))
+    xq, xs, xz = activations[x]
+    p = user.name or user.output[0]
+    rw.insert_before(user,
+                     helper.make_node("Mul", [xs, f"{weight}_scale"], [f"{p}_scale"], name=f"{p}_scale"),
+                     helper.make_node("MatMulInteger", [xq, f"{weight}_quantized", xz, f"{weight}_zero_point"],
+                                      [f"{p}_integer"], name=f"{p}_integer"),
+                     helper.make_node("Cast", [f"{p}_integer"], [f"{p}_float"], name=f"{p}_cast", to=TensorProto.FLOAT),
+                     helper.make_node("Mul", [f"{p}_float", f"{p}_scale"], list(user.output), name=f"{p}_rescale"))
+    rw.removed.add(id(user))
 
 
 def _integer_weights(model: onnx.ModelProto, root: Path):

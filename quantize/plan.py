@@ -112,7 +112,7 @@ def higher_precision_weights(plan: GraphPlan, written: onnx.ModelProto,
             continue
         if plan.recipe.precision == "int8-dynamic":
             reason = ("Conv weight: dynamic INT8 quantizes MatMul weights only" if op == "Conv" else
-                      "left in floating point by onnxruntime's dynamic quantizer")
+                      "not a 2-D MatMul weight: dynamic INT8 quantizes those only")
         else:
             reason = weight_precision(name, op, dims, plan.recipe)[1] or "not quantized (no rule matched)"
         out[name] = {"precision": floats[name], "reason": reason, "parameters": int(np.prod(dims))}

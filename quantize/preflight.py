@@ -19,13 +19,11 @@ BYTES_PER_PARAMETER = {"fp32": 4.0, "int8": 1.0, "int8-dynamic": 1.0, "w8a8": 1.
 
 @dataclass
 class Estimate:
-    artifact_bytes: int  # the quantized artifact on disk
-    scratch_bytes: int  # written and removed on the way (the fp32 encoder for ORT's dynamic quantizer)
+    artifact_bytes: int  # the quantized artifact on disk (nothing else is written)
     memory_bytes: int  # peak RSS of the export
 
     def lines(self) -> str:
-        return (f"estimated: artifact {self.artifact_bytes / 2**30:.1f} GiB (+{self.scratch_bytes / 2**30:.1f} GiB "
-                f"while it is written), peak memory {self.memory_bytes / 2**30:.1f} GiB")
+        return f"estimated: artifact {self.artifact_bytes / 2**30:.1f} GiB, peak memory {self.memory_bytes / 2**30:.1f} GiB"
 
 
 def _bytes(parameters: int, recipe: GraphRecipe, precision: str | None = None) -> int:
@@ -44,13 +42,12 @@ def estimate(cfg, recipe: Recipe) -> Estimate:
     artifact = (_bytes(encoder_params, encoder) + _bytes(count(model.audio_adapter) + count(model.deepstack_audio_merger_list), adapter)
                 + _bytes(count(lm.layers), decoder) + _bytes(lm.embed_tokens.weight.numel(), decoder, decoder.embedding)
                 + _bytes(model.lm_head.weight.numel(), decoder, decoder.lm_head))
-    scratch = 4 * encoder_params if encoder.precision == "int8-dynamic" else 0
     largest = 4 * max(p.numel() for p in model.parameters())
     reference = reference_bytes(cfg, piecewise=True)
-    # measured at 4B: ORT's dynamic quantizer holds about twice the fp32 encoder; a weight being
-    # quantized about three times its fp32 size; verify two decoder sessions and the encoder
-    memory = reference + max(2 * scratch, 3 * largest, 2 * artifact)
-    return Estimate(artifact, scratch, memory)
+    # a weight being quantized takes about three times its fp32 size; the parity check one
+    # decoder session, the encoder's and adapter's, and the reference's largest piece
+    memory = reference + max(3 * largest, 2 * artifact)
+    return Estimate(artifact, memory)
 
 
 def check_fits(cfg, recipe: Recipe, out: Path, log) -> Estimate:
@@ -58,9 +55,9 @@ def check_fits(cfg, recipe: Recipe, out: Path, log) -> Estimate:
     e = estimate(cfg, recipe)
     log(e.lines())
     free = shutil.disk_usage(out.parent).free
-    if e.artifact_bytes + e.scratch_bytes > free:
+    if e.artifact_bytes > free:
         raise MossEdgeError(f"{out.parent} has {free / 2**30:.1f} GiB free; this export needs about "
-                            f"{(e.artifact_bytes + e.scratch_bytes) / 2**30:.1f} GiB there. Free space or write elsewhere")
+                            f"{e.artifact_bytes / 2**30:.1f} GiB there. Free space or write elsewhere")
     available = available_memory()
     if e.memory_bytes > available:
         raise MossEdgeError(f"this export needs about {e.memory_bytes / 2**30:.1f} GiB of memory and "

@@ -15,9 +15,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from moss_edge import bundled_audio
+from moss_edge.quantize.conv_im2col import convolutions_as_matmuls
 from moss_edge.quantize.dynamic_int8 import INT16_MAX, emulate_pair_saturation, quantize_dynamic_int8, worst_pair_sum
+from moss_edge.quantize.graph import read_initializer
+from moss_edge.quantize.kernels import cpu_kernels
 from moss_edge.runtime.audio import chunk_mels, load_audio, log_mel
 
 CLIPS = ("speech_en_10s.flac", "speech_ko_18s.flac", "dialogue_zh_12s.flac")
@@ -46,13 +50,35 @@ def encoders(fixture_artifact, tmp_path_factory):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = tmp_path_factory.mktemp("int8")
-    record = quantize_dynamic_int8(fixture_artifact / "encoder.onnx", root / "encoder-7bit.onnx")
+    fp32 = fixture_artifact / "encoder.onnx"
+    record = quantize_dynamic_int8(onnx.load(str(fp32), load_external_data=False),
+                                   lambda init: read_initializer(init, fixture_artifact), root / "encoder-7bit.onnx")
     logging.getLogger().setLevel(logging.ERROR)
-    quantize_dynamic(str(fixture_artifact / "encoder.onnx"), str(root / "encoder-full.onnx"), weight_type=QuantType.QInt8,
+    quantize_dynamic(str(fp32), str(root / "encoder-full.onnx"), weight_type=QuantType.QInt8,
                      per_channel=True, op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
+    # ONNX Runtime's own quantizer with 7-bit weights, on the same im2col graph: the oracle for ours
+    im2col = onnx.load(str(fp32))
+    convolutions_as_matmuls(im2col)
+    onnx.save(im2col, str(root / "encoder-im2col.onnx"))
+    quantize_dynamic(str(root / "encoder-im2col.onnx"), str(root / "encoder-ort-7bit.onnx"), weight_type=QuantType.QInt8,
+                     per_channel=True, reduce_range=True, op_types_to_quantize=["MatMul"],
+                     extra_options={"MatMulConstBOnly": True})
     frames = json.loads((fixture_artifact / "manifest.json").read_text())["model"]["chunk_frames"]
-    return {"fp32": fixture_artifact / "encoder.onnx", "7bit": root / "encoder-7bit.onnx",
+    return {"fp32": fp32, "7bit": root / "encoder-7bit.onnx", "ort-7bit": root / "encoder-ort-7bit.onnx",
             "full": root / "encoder-full.onnx", "record": record, "frames": frames, "root": root}
+
+
+def test_our_dynamic_int8_is_onnxruntimes_quantizer_without_its_fp32_files(encoders):
+    """Written weight by weight from any reader (a checkpoint's shards too), yet the same
+    integers and scales as ONNX Runtime's quantizer and the same fused kernels."""
+    ours = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(encoders["7bit"])).graph.initializer}
+    theirs = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(encoders["ort-7bit"])).graph.initializer}
+    quantized = [n for n in theirs if n.endswith(("_quantized", "_scale")) and "weight" in n]
+    assert len(quantized) >= 20 and all(np.array_equal(ours[n], theirs[n]) for n in quantized)
+    feeds = next(_feeds(encoders["frames"]))
+    for a, b in zip(_run(onnx.load(str(encoders["7bit"])), feeds), _run(onnx.load(str(encoders["ort-7bit"])), feeds)):
+        np.testing.assert_array_equal(a, b)
+    assert cpu_kernels(encoders["7bit"]) == cpu_kernels(encoders["ort-7bit"])
 
 
 def test_int8_weights_cannot_saturate_int16_pairs(encoders):

@@ -51,7 +51,7 @@ def test_export_with_a_recipe_writes_what_export_then_quantize_writes(upstream, 
     for f in ("decoder.onnx", "decoder.onnx.data", "decoder_ort.onnx", "encoder.onnx"):
         assert (direct.path / f).read_bytes() == (two_step.path / f).read_bytes(), f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["direct", "two-step"]
-    assert not [p for p in direct.path.iterdir() if p.name in ("fp32", "weights-in-checkpoint")]
+    assert "weights-in-checkpoint" not in {p.name for p in direct.path.iterdir()}
     manifest = json.loads((direct.path / "manifest.json").read_text())
     assert "weights_in_checkpoint" not in manifest and "unfinished" not in manifest
     assert manifest["quantization"]["from"] == str(upstream["checkpoint"].resolve())
@@ -89,3 +89,30 @@ def test_reference_is_loaded_piecewise_when_memory_is_short_and_refused_when_eve
     monkeypatch.setattr(verify, "available_memory", lambda: (pieces + on_disk) // 2)
     with pytest.raises(MossEdgeError, match="GiB is available"):
         verify.reference_model(synthetic_checkpoint, synthetic_artifact)
+
+
+def test_an_export_that_cannot_fit_is_refused_before_any_work(synthetic_checkpoint, tmp_path, monkeypatch):
+    from moss_edge.quantize import preflight
+
+    recipe = load_recipe("int4-awq")
+    e = preflight.estimate(load_config(synthetic_checkpoint), recipe)
+    assert 0 < e.artifact_bytes < e.memory_bytes
+    monkeypatch.setattr(preflight, "available_memory", lambda: e.memory_bytes // 2)
+    with pytest.raises(MossEdgeError, match="GiB of memory"):
+        export_quantized(synthetic_checkpoint, tmp_path / "a", recipe, log=lambda m: None)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: type("Usage", (), {"free": e.artifact_bytes // 2})())
+    with pytest.raises(MossEdgeError, match="GiB free"):
+        export_quantized(synthetic_checkpoint, tmp_path / "b", recipe, log=lambda m: None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_with_a_recipe(upstream, tmp_path):
+    from moss_edge.cli import main
+
+    out = tmp_path / "int4"
+    ids = upstream["ids"]
+    assert main(["export", str(upstream["checkpoint"]), "-o", str(out), "--recipe", "int4", "--no-verify",
+                 "--audio-token-id", str(ids.audio_token), "--audio-start-id", str(ids.audio_start),
+                 "--audio-end-id", str(ids.audio_end)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["graphs"]["decoder"]["precision"] == "int4" and manifest["quantization"]["recipe"]["name"] == "int4"
