@@ -8,6 +8,7 @@ memory-mapped file and converted one at a time, so at most one full copy of the 
 import ctypes
 import hashlib
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,8 +31,33 @@ def checkpoint_hash(checkpoint_dir: str | Path) -> str:
     digest = hashlib.sha256()
     for path in [checkpoint_dir / "config.json", *sorted(set(tensor_files(checkpoint_dir).values()))]:
         digest.update(path.name.encode())
-        digest.update(sha256_file(path).encode())
+        digest.update(remembered_sha256(path).encode())
     return digest.hexdigest()
+
+
+def remembered_sha256(path: Path) -> str:
+    """A file's sha256, remembered by path, size and modification time in the user's cache:
+    reading a 4B checkpoint takes about a minute, and export, quantize and verify each need its
+    hash. A file that changes gets a new size or time and is read again."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache = Path(os.environ.get("MOSS_EDGE_CACHE", Path.home() / ".cache" / "moss-edge")) / "file-hashes.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        # files that are gone are forgotten, so the cache does not grow with every deleted folder
+        known = {k: v for k, v in known.items() if Path(k.rsplit(":", 2)[0]).exists()}
+        known[key] = sha256_file(path)
+        try:  # a cache that cannot be written only costs the reading next time
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            tmp.rename(cache)
+        except OSError:
+            pass
+    return known[key]
 
 
 def tensor_files(checkpoint_dir: str | Path) -> dict[str, Path]:

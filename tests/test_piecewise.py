@@ -116,3 +116,19 @@ def test_cli_export_with_a_recipe(upstream, tmp_path):
                  "--audio-end-id", str(ids.audio_end)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["graphs"]["decoder"]["precision"] == "int4" and manifest["quantization"]["recipe"]["name"] == "int4"
+
+
+def test_checkpoint_hashes_are_remembered_until_a_file_changes(synthetic_checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    from moss_edge.export import checkpoint
+
+    monkeypatch.setenv("MOSS_EDGE_CACHE", str(tmp_path / "cache"))
+    copy = shutil.copytree(synthetic_checkpoint, tmp_path / "ckpt")
+    first = checkpoint.checkpoint_hash(copy)
+    reads = []
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p: reads.append(p) or "x")
+    assert checkpoint.checkpoint_hash(copy) == first and not reads  # nothing read again
+    config = copy / "config.json"
+    config.write_text(config.read_text() + " ")
+    assert checkpoint.checkpoint_hash(copy) != first and reads == [config]  # only the changed file
