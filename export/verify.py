@@ -196,7 +196,7 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                "top1_decided": end_to_end["top1_decided"],
                "greedy_match": end_to_end["greedy_match"], "failures": failures}
     report = {"artifact": str(artifact_dir), "audio": [str(a) for a in audio], "prompt_tokens": len(prompt_ids),
-              "reference": "fp32 PyTorch, " + ("one layer at a time from the shards" if getattr(reference, "piecewise", False)
+              "reference": "fp32 PyTorch, " + ("one piece at a time from the shards" if getattr(reference, "piecewise", False)
                                                 else "whole model in memory"),
               "graphs": graphs, "steps": per_step, "end_to_end": end_to_end,
               "end_to_end_by_decoder": {name: figures for name, (_, figures) in per_decoder.items()},
