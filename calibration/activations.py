@@ -132,7 +132,7 @@ def reference_input_stats(checkpoint: Path, ids: TokenIds, weights: list[str], d
     from moss_edge.export.checkpoint import load_model
     from moss_edge.export.reference import ReferencePipeline
 
-    model = model or load_model(checkpoint, torch.float32, piecewise=True)
+    model = model if model is not None else load_model(checkpoint, torch.float32, piecewise=True)
     wanted, hooks = set(weights), []
     sums: dict[str, list] = {}
 

@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from moss_edge.quantize.conv_im2col import convolutions_as_matmuls
-from moss_edge.quantize.graph import ExternalWriter, Rewrite, read_initializer
+from moss_edge.quantize.graph import Rewrite, read_initializer, rewriting
 
 INT16_MAX = 32767
 FORMAT = {"activations": "uint8, per tensor, quantized at run time", "weights": "int8 in [-64, 64], per output channel",
@@ -36,13 +36,8 @@ def quantize_dynamic_int8(model: onnx.ModelProto, read: Callable[[TensorProto], 
     the format record for the manifest, with the worst pair sum measured on dst."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     rewritten = convolutions_as_matmuls(model, read)  # the stem's convolutions become INT8 MatMuls too
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    rw = Rewrite(ExternalWriter(dst.parent / f"{dst.name}.data"))
     activations: dict[str, tuple[str, str, str]] = {}  # MatMul input -> its quantized (x, scale, zero point)
-    try:
+    with rewriting(model, dst) as (rw, consumers):
         for init in model.graph.initializer:
             value = read(init)
             users = [u for u in consumers.get(init.name, []) if u.op_type == "MatMul" and u.input[1] == init.name]
@@ -57,12 +52,6 @@ def quantize_dynamic_int8(model: onnx.ModelProto, read: Callable[[TensorProto], 
                                                  np.zeros(scale.shape, np.int8).tobytes())]
             for user in users:
                 integer_matmul(rw, init.name, user, activations)
-    finally:
-        rw.writer.close()
-    rw.apply(model.graph)
-    onnx.save(model, str(dst))
-    if rw.writer.offset == 0:
-        rw.writer.path.unlink()
     worst = worst_pair_sum(dst)
     if worst > INT16_MAX:  # never ship a graph whose sums differ between CPUs
         raise RuntimeError(f"{dst}: u8 x s8 pair sums reach {worst} > {INT16_MAX}; the INT8 format is not CPU-independent")

@@ -6,6 +6,7 @@ untouched. TensorRT runs the pattern as is; ONNX Runtime CPU fuses it into MatMu
 """
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,26 @@ class Rewrite:
         graph.node.extend(nodes)
 
 
+@contextmanager
+def rewriting(model: onnx.ModelProto, dst: Path):
+    """Rewrite `model` (changed in place) into dst and dst.data: yields the Rewrite and each
+    tensor's consuming nodes; on success the edits are applied and dst is written (dst.data
+    only if a tensor went into it)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    rw = Rewrite(ExternalWriter(dst.parent / f"{dst.name}.data"))
+    try:
+        yield rw, consumers
+    finally:
+        rw.writer.close()
+    rw.apply(model.graph)
+    onnx.save(model, str(dst))
+    if rw.writer.offset == 0:
+        rw.writer.path.unlink()
+
+
 # One rewrite per scheme. Each gets the quantized initializers [data, scale] of weight `name`.
 
 def dequantized_weight(rw: Rewrite, dq: onnx.NodeProto) -> None:
@@ -177,13 +198,8 @@ def quantize_weights(model: onnx.ModelProto, read: Callable[[TensorProto], np.nd
     stats maps a MatMul input tensor name to {"sq": E[x^2], "abs": E[|x|]} per input channel,
     for the data-aware methods. activation_scales (W8A8) maps a MatMul input to the scale of its
     INT8 activations. Returns {initializer: {"bits", "block", "method", "awq", "activations"}}."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    rw, done = Rewrite(ExternalWriter(dst.parent / f"{dst.name}.data")), {}
-    try:
+    model, done = onnx.ModelProto.FromString(model.SerializeToString()), {}
+    with rewriting(model, dst) as (rw, consumers):
         for init in model.graph.initializer:
             value = read(init)
             rule = plan.get(init.name)
@@ -208,12 +224,6 @@ def quantize_weights(model: onnx.ModelProto, read: Callable[[TensorProto], np.nd
             activations = quantized_activations(rw, init.name, users, activation_scales) if activation_scales else False
             done[init.name] = {"bits": rule.bits, "block": rule.block, "method": rule.method,
                                "awq": input_scale is not None, "activations": activations}
-    finally:
-        rw.writer.close()
-    rw.apply(model.graph)
-    onnx.save(model, str(dst))
-    if rw.writer.offset == 0:
-        rw.writer.path.unlink()
     return done
 
 
