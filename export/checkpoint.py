@@ -5,7 +5,6 @@ memory-mapped file and converted one at a time, so at most one full copy of the 
 (in the target dtype) plus one tensor is ever held.
 """
 
-import ctypes
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ from moss_edge.export.model import MossAudio
 from moss_edge.runtime.artifact import sha256_file
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.prompt import SPECIAL_TOKENS, TokenIds, read_json_object
+from moss_edge.runtime.session import release_freed_memory
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -175,21 +175,9 @@ def _unload(model: nn.Module, names: list[str]) -> None:
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, attr, nn.Parameter(torch.empty_like(getattr(module, attr), device="meta"), requires_grad=False))
+    # Layer-sized tensors (tens of MB) come from glibc's heap; loading and dropping them layer
+    # after layer left it holding 2 GB of freed memory after one 4B encode and two prefills.
     release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the system. Layer-sized tensors (tens of MB) come from
-    glibc's heap, not mmap; loading and dropping them layer after layer left the heap holding
-    freed memory (2 GB after one 4B encode + two prefills; the piecewise model holds 3.3 GB)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc (macOS, musl): nothing to trim
-    _LIBC = None
 
 
 def reference_bytes(cfg, piecewise: bool) -> int:

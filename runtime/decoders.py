@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moss_edge.runtime.graphs import ORT_DECODER, Dims, buffered_decoder_feeds, cache_names, decoder_feeds, empty_cache
+from moss_edge.runtime.session import shrinking_arena
 
 
 class DecoderRunner:
@@ -28,7 +29,8 @@ class DecoderRunner:
         self.step_audio = np.zeros((1, 1, dims.hidden_size), self.embed_dtype)
         self.step_deepstack = np.zeros((dims.num_deepstack, 1, 1, dims.hidden_size), self.embed_dtype)
 
-    def _run(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray, past: list) -> np.ndarray:
+    def _run(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray, past: list,
+             options: ort.RunOptions | None = None) -> np.ndarray:
         binding = self.session.io_binding()
         for name, value in decoder_feeds(self.dims, ids, self.length, audio, deepstack, past).items():
             if isinstance(value, np.ndarray):
@@ -37,7 +39,7 @@ class DecoderRunner:
                 binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
             binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, options)
         outputs = binding.get_outputs()
         self.past = outputs[1:]
         self.length += ids.shape[1]
@@ -47,7 +49,7 @@ class DecoderRunner:
         self.length = 0
         empty = [empty_cache(self.dims, self.cache_dtype)] * (2 * self.dims.num_hidden_layers)
         return self._run(np.array([prompt_ids], np.int64), audio[None].astype(self.embed_dtype),
-                         deepstack[:, None].astype(self.embed_dtype), empty)
+                         deepstack[:, None].astype(self.embed_dtype), empty, shrinking_arena())
 
     def step(self, token: int) -> np.ndarray:
         return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack, self.past)
@@ -82,7 +84,8 @@ class BufferedDecoderRunner:
             grown.append(ort.OrtValue.ortvalue_from_numpy(values))
         self.buffers = grown
 
-    def _run(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
+    def _run(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray,
+             options: ort.RunOptions | None = None) -> np.ndarray:
         self._reserve(self.length + ids.shape[1])
         binding = self.session.io_binding()
         for name, value in buffered_decoder_feeds(ids, self.length, audio, deepstack).items():
@@ -91,14 +94,14 @@ class BufferedDecoderRunner:
         for past, present, buffer in zip(cache_names(self.dims, "past"), cache_names(self.dims, "present"), self.buffers):
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, options)
         self.length += ids.shape[1]
         return binding.get_outputs()[0].numpy()[0]
 
     def prefill(self, prompt_ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
         self.length = 0
         return self._run(np.array([prompt_ids], np.int64), audio[None].astype(np.float32),
-                         deepstack[:, None].astype(np.float32))
+                         deepstack[:, None].astype(np.float32), shrinking_arena())
 
     def step(self, token: int) -> np.ndarray:
         return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack)

@@ -23,7 +23,7 @@ from moss_edge.runtime.graphs import graph_spec, mismatches
 from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids, expand_audio_spans
 from moss_edge.runtime.sampling import SamplingOptions, split_thinking
-from moss_edge.runtime.session import PROVIDERS, ShapeLimits, make_session, trt_profiles
+from moss_edge.runtime.session import PROVIDERS, ShapeLimits, make_session, shrinking_arena, trt_profiles
 
 AudioInput = str | Path | bytes | tuple[np.ndarray, int] | np.ndarray
 
@@ -168,12 +168,14 @@ class Pipeline:
         tokens, taps = [], []
         step = self.chunks_per_run
         for start in range(0, len(batch.frames), step):
-            t, p = self.encoder.run(None, {"mel": batch.mel[start : start + step], "frames": batch.frames[start : start + step]})
+            last = start + step >= len(batch.frames)  # the arena serves the next chunk, then is returned
+            t, p = self.encoder.run(None, {"mel": batch.mel[start : start + step], "frames": batch.frames[start : start + step]},
+                                    shrinking_arena() if last else None)
             valid = np.arange(t.shape[1])[None, :] < batch.tokens[start : start + step, None]
             tokens.append(t[valid])
             taps.append(p[:, valid])
         tokens, taps = np.concatenate(tokens), np.concatenate(taps, axis=1)
-        embeds, deepstack = self.adapter.run(None, {"audio_tokens": tokens, "taps": taps})
+        embeds, deepstack = self.adapter.run(None, {"audio_tokens": tokens, "taps": taps}, shrinking_arena())
         return AudioFeatures(tokens, taps, embeds, deepstack, batch.clip_tokens)
 
     def prompt_ids(self, prompt: str | list[int], clip_tokens: list[int]) -> list[int]:

@@ -1,5 +1,6 @@
 """ONNX Runtime sessions on a chosen execution provider."""
 
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +78,49 @@ def tensorrt_options(cache_dir: Path | None, profiles: dict[str, str] | None) ->
     return [(PROVIDERS["tensorrt"][0], options), *PROVIDERS["tensorrt"][1:]]
 
 
+LARGE_BLOCK = 4 << 20  # bytes: a layer's weight matrix and a prefill's activations are larger
+
+
+def return_large_blocks_to_system() -> None:
+    """Have glibc map every allocation of LARGE_BLOCK bytes or more on its own and unmap it when
+    freed, for the whole process. By default glibc raises that threshold each time such a block
+    is freed, so once ONNX Runtime has repacked a graph's weights (freeing the originals) the
+    next blocks come from the heap and stay there after they are freed: a 4B INT4 artifact of
+    3.8 GiB then peaked at 5.0-6.2 GiB of RSS, and at 4.4 GiB with the threshold fixed. No-op
+    outside glibc."""
+    global _LARGE_BLOCKS_SET
+    if _LIBC is not None and not _LARGE_BLOCKS_SET:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK)
+        _LARGE_BLOCKS_SET = True
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc (macOS, musl)
+    _LIBC = None
+_LARGE_BLOCKS_SET = False
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory below LARGE_BLOCK back to the system (malloc_trim)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def shrinking_arena() -> ort.RunOptions:
+    """Run options that return ONNX Runtime's CPU arena to the system when the run ends: for the
+    runs made once per request (the last encoder chunk, the adapter, the prefill), whose
+    activations would otherwise stay reserved beside the weights (0.36 GiB after a 30 s encode
+    at 4B widths)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
                  cache_dir: Path | None = None, profiles: dict[str, str] | None = None) -> ort.InferenceSession:
+    return_large_blocks_to_system()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or available_cores()
