@@ -3,7 +3,7 @@ synthetic checkpoint at the released config, export straight to a quantized arti
 against the PyTorch model loaded piecewise, then load + a 30 s clip at full depth, and
 upstream-style PyTorch bf16 on the same checkpoint. Per step: wall time, peak RSS (of that
 process, from wait4) and peak disk use of the work folder. The CPU decoder of the same recipe
-at 2 and 4 layers gives the per-layer extrapolation the full-depth decoder is checked against
+at 2, 4 and 8 layers gives the per-layer extrapolation the full-depth decoder is checked against
 (alternating rounds in one process). Writes benchmarks/full-size-<preset>.json and .png.
 
     python benchmarks/full_size.py --preset 4b --workdir /big/disk/full
@@ -22,6 +22,9 @@ from pathlib import Path
 
 from moss_edge.bench import BenchSettings, directory_mib, fit_depths
 
+# depths fitted for the per-layer extrapolation: with 2 and 4 alone, one noisy figure moved the
+# 4B slope by half (0.99 against 2.2 ms per layer in two runs)
+SHALLOW = (2, 4, 8)
 CLI = [sys.executable, "-m", "moss_edge.cli"]
 
 
@@ -128,9 +131,9 @@ def main() -> None:
     # upstream-style PyTorch bf16 on the same checkpoint at full depth, in the same run
     torch_bf16 = once("torch_bf16", lambda: time_model("torch-bf16", checkpoint, settings, logs / "torch-bf16.log"))
 
-    # the same recipe at 2 and 4 layers, for the per-layer extrapolation
+    # the same recipe at a few depths, for the per-layer extrapolation
     shallow = {}
-    for depth in (2, 4):
+    for depth in SHALLOW:
         small = work / f"ckpt-{args.preset}-{depth}l"
         if not small.exists():
             subprocess.run([*CLI, "synthetic", "-o", str(small), "--preset", args.preset, "--encoder-layers", str(depth),
@@ -143,8 +146,9 @@ def main() -> None:
 
     depth = preset(args.preset).language.num_hidden_layers
     # last: this process grows by the three decoders, and children started after it would inherit its peak RSS
-    decoders = once("decoder_by_depth", lambda: decoder_by_depth({**shallow, depth: artifact}, settings))
-    predicted = fit_depths({d: decoders[str(d)] for d in (2, 4)}, depth)
+    decoders = once("decoder_by_depth_" + "_".join(map(str, SHALLOW)),
+                    lambda: decoder_by_depth({**shallow, depth: artifact}, settings))
+    predicted = fit_depths({d: decoders[str(d)] for d in SHALLOW}, depth)
 
     on_disk = directory_mib(artifact)
     parity = json.loads((work / "parity.json").read_text())
@@ -156,7 +160,7 @@ def main() -> None:
         "full_depth": run, "rss_over_disk": run["peak_rss_mib"] / on_disk, "torch_bf16_full_depth": torch_bf16,
         "over_torch_bf16": {k: run[k] / torch_bf16[k] for k in ("encoder_s", "prefill_ms", "time_to_first_token_s",
                                                                  "decode_ms_per_token")},
-        "decoder_by_depth": decoders, "decoder_extrapolated_from_2_4_layers": predicted,
+        "decoder_by_depth": decoders, "decoder_extrapolated_from_shallow_depths": predicted,
         "decode_measured_over_extrapolated": decoders[str(depth)][1] / predicted[f"decode_ms_at_{depth}"],
         "prefill_measured_over_extrapolated": decoders[str(depth)][0] / predicted[f"prefill_s_at_{depth}"],
         "parity": {k: parity["summary"][k] for k in ("passed", "precision", "worst_cosine", "prefill_logits_rel", "kl_mean",
@@ -185,12 +189,12 @@ def chart(result: dict, depth: int, path: Path) -> None:
     ax1.set_title(f"MOSS-Audio-{result['preset'].upper()} {result['recipe']}: memory per step")
     ax1.tick_params(axis="x", rotation=20)
     ax1.legend()
-    measured, predicted = result["decoder_by_depth"][str(depth)], result["decoder_extrapolated_from_2_4_layers"]
+    measured, predicted = result["decoder_by_depth"][str(depth)], result["decoder_extrapolated_from_shallow_depths"]
     labels = ["prefill 419 tokens (s)", "decode (ms/token / 10)"]
     x = range(len(labels))
     ax2.bar([i - 0.2 for i in x], [measured[0], measured[1] / 10], 0.4, label=f"{depth} layers, measured")
     ax2.bar([i + 0.2 for i in x], [predicted[f"prefill_s_at_{depth}"], predicted[f"decode_ms_at_{depth}"] / 10], 0.4,
-            label="2/4 layers, extrapolated")
+            label="2/4/8 layers, extrapolated")
     ax2.set_xticks(list(x), labels)
     ax2.set_title(f"CPU decoder, {result['settings']['threads']} threads [{result['cpu']}]", fontsize=9)
     ax2.legend()

@@ -145,6 +145,20 @@ def cmd_verify(args) -> None:
         raise SystemExit(1)
 
 
+def cmd_check(args) -> None:
+    from moss_edge.runtime.artifact import Artifact
+    from moss_edge.runtime.backend_check import check_artifact, summary_lines
+
+    artifact = Artifact.load(args.artifact, check_hashes=False)
+    checks = check_artifact(artifact.root, artifact.manifest, args.target)
+    if args.json:
+        print(json.dumps(checks, indent=2))
+    else:
+        print("\n".join(summary_lines(checks)))
+    if not all(r["passed"] for r in checks.values()):
+        raise SystemExit(1)
+
+
 def cmd_info(args) -> None:
     from moss_edge.quantize.plan import summarize_kept
     from moss_edge.runtime.artifact import Artifact
@@ -395,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-markers", action="store_true", help="ablation: no time markers in the prompt")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("check", help="what TensorRT / ONNX Runtime targets would reject, node by node, without them",
+                       epilog="example: moss-edge check moss-4b-int4 --target tensorrt-10.3   (exit 1 when a target fails)")
+    p.add_argument("artifact")
+    p.add_argument("--target", action="append", help="tensorrt-10.3 (JetPack 6), tensorrt-10.16, ort-cuda or ort-cpu; "
+                   "repeat for several (default: all)")
+    p.add_argument("--json", action="store_true", help="every finding, with its rule and source")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("info", help="show an artifact's manifest as a table", epilog="example: moss-edge info moss-4b-int4")
     p.add_argument("artifact")

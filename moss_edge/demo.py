@@ -81,9 +81,9 @@ def run_demo(workdir: str | None = None, audio: str | None = None, max_new_token
             sf.write(audio, example.wave, SAMPLE_RATE)
     audio = audio or bundled_audio()
     block = 64 if trained else 32  # the tiny widths need small blocks; real models use 128
-    _step(f"3/5 quantizing: encoder dynamic INT8, decoder INT4 (activation-aware, blocks of {block}), verifying")
+    _step(f"3/5 quantizing: encoder and adapter dynamic INT8, decoder INT4 (activation-aware, blocks of {block}), verifying")
     if not quantized.exists():
-        recipe = Recipe("demo-int4", {"encoder": GraphRecipe("int8-dynamic"), "adapter": GraphRecipe("fp32"),
+        recipe = Recipe("demo-int4", {"encoder": GraphRecipe("int8-dynamic"), "adapter": GraphRecipe("int8-dynamic"),
                                       "decoder": GraphRecipe("int4", method="awq", block=block)})
         verifier = Verifier(checkpoint, [audio], steps=16, evaluate=task_report(48 if trained else 0))
         quantize_artifact(fp32, quantized, recipe, calibration=str(calibration) if calibration else None,

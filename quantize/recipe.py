@@ -79,10 +79,12 @@ def _preset(name: str, encoder: str, adapter: str, decoder: GraphRecipe) -> Reci
 PRESETS = {
     # ORT CPU: dynamic INT8 encoder/adapter, INT8 weight-only decoder
     "int8": lambda: _preset("int8", "int8-dynamic", "int8-dynamic", GraphRecipe("int8", block=128)),
-    # ORT CPU: INT4 decoder (round to nearest), tables INT8
-    "int4": lambda: _preset("int4", "int8-dynamic", "fp32", GraphRecipe("int4", block=128)),
+    # ORT CPU: INT4 decoder (round to nearest), tables INT8. The adapter is dynamic INT8 too: at
+    # 4B widths 0.19 s instead of 0.64 s for 30 s of audio, and the packaged model's held-out
+    # answers are the same as with the fp32 adapter (README, the int8 row).
+    "int4": lambda: _preset("int4", "int8-dynamic", "int8-dynamic", GraphRecipe("int4", block=128)),
     # the same with activation-aware scaling and clipping from the calibration set
-    "int4-awq": lambda: _preset("int4-awq", "int8-dynamic", "fp32", GraphRecipe("int4", method="awq", block=128)),
+    "int4-awq": lambda: _preset("int4-awq", "int8-dynamic", "int8-dynamic", GraphRecipe("int4", method="awq", block=128)),
     # every graph weight-only (DequantizeLinear): runs on TensorRT and CUDA as well as CPU
     "int4-trt": lambda: _preset("int4-trt", "int8", "fp32", GraphRecipe("int4", method="awq", block=128)),
     # TensorRT INT8 tensor cores: encoder and adapter with calibrated INT8 activations (static QDQ)

@@ -1,0 +1,274 @@
+"""Which targets can take an artifact, checked here without them: every node of the graphs a
+target loads, against backend_rules.py (the ops its parser or provider has, and the rules
+beyond that), with the reason and the source of each finding."""
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from moss_edge.runtime.backend_rules import ORT_CUDA_ELSEWHERE, RULES, TARGETS, TRT_TYPES, Target
+from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.graphs import Dims
+from moss_edge.runtime.session import ShapeLimits, profile_sizes
+
+
+@dataclass
+class Finding:
+    graph: str
+    node: str
+    op: str
+    rule: str
+    verdict: str  # rejected | elsewhere | warning
+    reason: str
+    source: str
+
+
+class GraphFacts:
+    """What the rules ask about a graph: its constants, who reads each tensor, its opsets."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: Path):
+        g = model.graph
+        self.base_dir = base_dir
+        self.constants = {t.name: t for t in g.initializer}
+        for n in g.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.constants[n.output[0]] = n.attribute[0].t
+        self.made_by = {out: n for n in g.node for out in n.output}
+        self.read_by = defaultdict(list)
+        for n in g.node:
+            for name in n.input:
+                self.read_by[name].append(n)
+        self.opsets = {(o.domain or ""): o.version for o in model.opset_import}
+
+    def value(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.constants[name], str(self.base_dir))
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    found = [a for a in node.attribute if a.name == name]
+    return onnx.helper.get_attribute_value(found[0]) if found else None
+
+
+def has_reduction_attribute(node, facts):
+    r = _attr(node, "reduction")
+    return None if r is None else f"reduction={r.decode()!r} is set (drop the attribute: 'none' is the default)"
+
+
+def reduces(node, facts):
+    r = _attr(node, "reduction")
+    return None if r in (None, b"none") else f"reduction={r.decode()!r}"
+
+
+def axis_not_constant(node, facts):
+    return None if node.input[1] in facts.constants else f"axis {node.input[1]!r} is computed at run time"
+
+
+def uses_extra_outputs(node, facts):
+    extra = [o for o in node.output[1:] if o]
+    return f"outputs {extra} are used (only Y is)" if extra else None
+
+
+def gelu_approximation_unknown(node, facts):
+    a = _attr(node, "approximate")
+    return None if a in (None, b"none", b"tanh") else f"approximate={a.decode()!r}"
+
+
+def gathers_quantized_table(node, facts):
+    table = facts.constants.get(node.input[0])
+    quantized = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
+    if table is None or table.data_type not in quantized:
+        return None
+    return f"gathers rows of the {TensorProto.DataType.Name(table.data_type)} table {node.input[0]!r} before dequantizing"
+
+
+def nonzero_zero_point(node, facts):
+    if len(node.input) < 3 or not node.input[2]:
+        return None
+    if node.input[2] not in facts.constants:
+        return "the zero point is computed at run time"
+    return "a non-zero zero point" if np.any(facts.value(node.input[2]).astype(np.int64) != 0) else None
+
+
+def _four_bit(node, facts) -> TensorProto | None:
+    weight = facts.constants.get(node.input[0])
+    if weight is not None and weight.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return weight
+    return None
+
+
+def _blocked_axes(weight: TensorProto, scale: TensorProto) -> list[tuple[int, int]]:
+    """[(axis, block size)] of the axes the scale covers in blocks of more than one element."""
+    if len(scale.dims) != len(weight.dims):
+        return []
+    return [(a, -(-w // s)) for a, (w, s) in enumerate(zip(weight.dims, scale.dims)) if s not in (1, w)]
+
+
+def int4_weight_unsupported(node, facts):
+    weight = _four_bit(node, facts)
+    if weight is None:
+        return None
+    if weight.data_type == TensorProto.UINT4:
+        return "UINT4 weights (TensorRT takes INT4)"
+    if len(weight.dims) != 2:
+        return f"a {len(weight.dims)}-D weight (INT4 needs 2-D)"
+    scale = facts.constants.get(node.input[1])
+    if scale is None:
+        return "the scale is computed at run time (INT4 needs a constant scale)"
+    if len(_blocked_axes(weight, scale)) > 1:
+        return "blocks along two axes (INT4 takes one blocked axis)"
+    return None
+
+
+def int4_block_undocumented(node, facts):
+    weight, scale = _four_bit(node, facts), facts.constants.get(node.input[1])
+    if weight is None or scale is None:
+        return None
+    sizes = [b for _, b in _blocked_axes(weight, scale) if b not in (64, 128)]
+    return f"block size {sizes[0]}" if sizes else None
+
+
+def int8_weight_only(node, facts):
+    weight = facts.constants.get(node.input[0])
+    if weight is None or weight.data_type != TensorProto.INT8:
+        return None
+    for user in facts.read_by[node.output[0]]:
+        if user.op_type in ("MatMul", "Gemm"):
+            other = [i for i in user.input[:2] if i != node.output[0]]
+            made = facts.made_by.get(other[0]) if other else None
+            if made is None or made.op_type != "DequantizeLinear":
+                return f"INT8 weight {node.input[0]!r} with float activations"
+    return None
+
+
+CHECKS = {f.__name__: f for f in (has_reduction_attribute, reduces, axis_not_constant, uses_extra_outputs,
+                                  gelu_approximation_unknown, gathers_quantized_table, nonzero_zero_point, int4_weight_unsupported,
+                                  int4_block_undocumented, int8_weight_only)}
+
+
+def _cpu_kernels() -> dict[tuple[str, str], list[tuple[int, int]]]:
+    import onnxruntime.capi.onnxruntime_pybind11_state as state
+
+    kernels = defaultdict(list)
+    for d in state.get_all_opkernel_def():
+        if d.provider == "CPUExecutionProvider":
+            domain = "" if d.domain in ("", "ai.onnx") else d.domain
+            kernels[(domain, d.op_name)].append(tuple(d.version_range))
+    return kernels
+
+
+def _op_findings(graph: str, node: onnx.NodeProto, facts: GraphFacts, target: Target, cpu_kernels) -> list[Finding]:
+    name, domain = node.name or node.output[0], node.domain or ""
+    if target.ops is not None:  # TensorRT's parser: ONNX-domain ops it has importers for
+        if domain not in ("", "ai.onnx") or node.op_type not in target.ops:
+            why = f"no importer for {domain + '.' if domain else ''}{node.op_type} in TensorRT {target.trt_version[0]}.{target.trt_version[1]}"
+            return [Finding(graph, name, node.op_type, "op-supported", "rejected", why, target.ops_source)]
+        return []
+    if target.name == "ort-cuda" and node.op_type in ORT_CUDA_ELSEWHERE:
+        return [Finding(graph, name, node.op_type, "cuda-kernel", "elsewhere", ORT_CUDA_ELSEWHERE[node.op_type],
+                        target.ops_source)]
+    version = facts.opsets.get(domain, facts.opsets.get("ai.onnx", 0))
+    ranges = cpu_kernels.get((domain, node.op_type), [])
+    if target.name == "ort-cpu" and not any(lo <= version <= hi for lo, hi in ranges):
+        return [Finding(graph, name, node.op_type, "cpu-kernel", "rejected",
+                        f"no CPU kernel for {node.op_type} at opset {version} in this onnxruntime", target.ops_source)]
+    return []
+
+
+def _type_findings(graph: str, model: onnx.ModelProto, target: Target) -> list[Finding]:
+    if target.ops is None:
+        return []
+    typed = [(t.name, t.data_type) for t in model.graph.initializer]
+    typed += [(v.name, v.type.tensor_type.elem_type) for v in [*model.graph.input, *model.graph.output]]
+    return [Finding(graph, name, "(tensor)", "tensor-type", "rejected",
+                    f"{TensorProto.DataType.Name(dtype)} tensors are not a TensorRT type", target.ops_source)
+            for name, dtype in typed if TensorProto.DataType.Name(dtype) not in TRT_TYPES]
+
+
+def _profile_findings(graph: str, model: onnx.ModelProto, dims: Dims | None, target: Target) -> list[Finding]:
+    """TensorRT builds for shape ranges given up front: every dynamic input axis needs one."""
+    if target.ops is None or dims is None or graph not in ("encoder", "adapter", "decoder"):
+        return []
+    sizes = profile_sizes(graph, dims, ShapeLimits())[2]
+    missing = []
+    for value in model.graph.input:
+        for axis, d in enumerate(value.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value") and d.dim_param not in sizes:
+                missing.append(f"{value.name}[{axis}] ({d.dim_param or 'unnamed'})")
+    return [Finding(graph, "(inputs)", "(profile)", "dynamic-axis-profile", "rejected",
+                    f"dynamic axes without a min/opt/max profile: {', '.join(missing)}",
+                    "TensorRT: every dynamic input dimension needs an optimization profile")] if missing else []
+
+
+def check_graph(model: onnx.ModelProto, graph: str, target_name: str, base_dir: Path, dims: Dims | None = None,
+                cpu_kernels=None) -> list[Finding]:
+    """Findings for one graph (parsed without its external data; the rules read small constants)."""
+    target = TARGETS[target_name]
+    if cpu_kernels is None and target.name == "ort-cpu":
+        cpu_kernels = _cpu_kernels()
+    facts = GraphFacts(model, base_dir)
+    findings = [*_type_findings(graph, model, target), *_profile_findings(graph, model, dims, target)]
+    rules = [r for r in RULES if target.name in r.targets]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        findings += _op_findings(graph, node, facts, target, cpu_kernels or {})
+        for rule in rules:
+            if rule.op == node.op_type:
+                reason = CHECKS[rule.check](node, facts)
+                if reason:
+                    findings.append(Finding(graph, node.name or node.output[0], node.op_type, rule.id, rule.verdict,
+                                            reason, rule.source))
+    return findings
+
+
+def check_artifact(root: Path, manifest: dict, target_names: list[str] | None = None) -> dict:
+    """{target: {"passed", "graphs": {graph: counts per verdict}, "findings": [...]}} for the
+    graphs each target loads (encoder, adapter and the decoder the manifest gives its provider)."""
+    unknown = [t for t in target_names or [] if t not in TARGETS]
+    if unknown:
+        raise MossEdgeError(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    dims = Dims.from_manifest(manifest["model"])
+    kernels = _cpu_kernels()
+    models = {}
+    result = {}
+    for name in target_names or list(TARGETS):
+        target = TARGETS[name]
+        decoder = manifest.get("decoders", {}).get(target.provider, "decoder")
+        findings, counts = [], {}
+        for graph in ("encoder", "adapter", decoder):
+            if graph not in models:
+                models[graph] = onnx.load(str(root / f"{graph}.onnx"), load_external_data=False)
+            found = check_graph(models[graph], graph, name, root, dims, kernels)
+            counts[graph] = {v: sum(f.verdict == v for f in found) for v in ("rejected", "elsewhere", "warning")}
+            findings += found
+        result[name] = {"passed": not any(f.verdict in ("rejected", "elsewhere") for f in findings),
+                        "graphs": counts, "findings": [asdict(f) for f in findings]}
+    return result
+
+
+def backends_from_checks(checks: dict) -> list[str]:
+    """The providers an artifact runs on: a provider counts when one of its targets passed."""
+    return sorted({TARGETS[name].provider for name, r in checks.items() if r["passed"]})
+
+
+def summary_lines(checks: dict, limit: int = 12) -> list[str]:
+    """Per target: passed or not, counts per graph, then the first findings (same rule and
+    reason grouped)."""
+    lines = []
+    for name, r in checks.items():
+        counts = "; ".join(f"{g} " + ", ".join(f"{n} {v}" for v, n in c.items() if n) if any(c.values()) else f"{g} ok"
+                           for g, c in r["graphs"].items())
+        lines.append(f"{name:<15} {'PASS' if r['passed'] else 'FAIL'}  {counts}")
+        grouped = defaultdict(list)
+        for f in r["findings"]:
+            grouped[(f["graph"], f["op"], f["rule"], f["verdict"])].append(f)
+        for (graph, op, rule, verdict), found in list(grouped.items())[:limit]:
+            where = found[0]["node"] + (f" and {len(found) - 1} more" if len(found) > 1 else "")
+            lines.append(f"    {verdict:<9} {graph}: {op} ({where}): {found[0]['reason']} [{rule}; {found[0]['source']}]")
+        if len(grouped) > limit:
+            lines.append(f"    ... {len(grouped) - limit} more kinds of finding (--json lists all)")
+    return lines
