@@ -147,7 +147,7 @@ def cmd_verify(args) -> None:
 
 def cmd_check(args) -> None:
     from moss_edge.runtime.artifact import Artifact
-    from moss_edge.runtime.backend_check import check_artifact, summary_lines
+    from moss_edge.export.backend_check import check_artifact, summary_lines
 
     artifact = Artifact.load(args.artifact, check_hashes=False)
     checks = check_artifact(artifact.root, artifact.manifest, args.target)

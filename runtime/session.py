@@ -79,6 +79,11 @@ def tensorrt_options(cache_dir: Path | None, profiles: dict[str, str] | None) ->
 
 
 LARGE_BLOCK = 4 << 20  # bytes: a layer's weight matrix and a prefill's activations are larger
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc (macOS, musl)
+    _LIBC = None
 
 
 def return_large_blocks_to_system() -> None:
@@ -86,20 +91,10 @@ def return_large_blocks_to_system() -> None:
     freed, for the whole process. By default glibc raises that threshold each time such a block
     is freed, so once ONNX Runtime has repacked a graph's weights (freeing the originals) the
     next blocks come from the heap and stay there after they are freed: a 4B INT4 artifact of
-    3.8 GiB then peaked at 5.0-6.2 GiB of RSS, and at 4.4 GiB with the threshold fixed. No-op
-    outside glibc."""
-    global _LARGE_BLOCKS_SET
-    if _LIBC is not None and not _LARGE_BLOCKS_SET:
+    3.8 GiB then peaked at 5.0-6.2 GiB of RSS, and at 4.5 GiB with the threshold fixed (4.2 GiB
+    with shrinking_arena too). No-op outside glibc."""
+    if _LIBC is not None:
         _LIBC.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK)
-        _LARGE_BLOCKS_SET = True
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc (macOS, musl)
-    _LIBC = None
-_LARGE_BLOCKS_SET = False
 
 
 def release_freed_memory() -> None:

@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from moss_edge.cli import main
 from moss_edge.quantize.artifact import quantize_artifact
 from moss_edge.quantize.recipe import PRESETS
-from moss_edge.runtime.backend_check import check_artifact, check_graph
-from moss_edge.runtime.backend_rules import RULES, TARGETS
+from moss_edge.export.backend_check import check_artifact, check_graph
+from moss_edge.export.backend_rules import RULES, TARGETS
 
 
 def _graph(nodes, inits, opset=21, inputs=("x",), output="y"):

@@ -1,7 +1,9 @@
-"""Which targets can take an artifact, checked here without them: every node of the graphs a
-target loads, against backend_rules.py (the ops its parser or provider has, and the rules
-beyond that), with the reason and the source of each finding."""
+"""Which targets can take an artifact, checked where it is made, without them: every node of the
+graphs a target loads, against backend_rules.py (the ops its parser or provider has, and the
+rules beyond that), with the reason and the source of each finding. Needs onnx (the export
+extra), so it lives here, not in the device runtime."""
 
+import functools
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from moss_edge.runtime.backend_rules import ORT_CUDA_ELSEWHERE, RULES, TARGETS, TRT_TYPES, Target
+from moss_edge.export.backend_rules import ORT_CUDA_ELSEWHERE, RULES, TARGETS, TRT_TYPES, Target
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.graphs import Dims
 from moss_edge.runtime.session import ShapeLimits, profile_sizes
@@ -145,10 +147,11 @@ def int8_weight_only(node, facts):
 
 
 CHECKS = {f.__name__: f for f in (has_reduction_attribute, reduces, axis_not_constant, uses_extra_outputs,
-                                  gelu_approximation_unknown, gathers_quantized_table, nonzero_zero_point, int4_weight_unsupported,
-                                  int4_block_undocumented, int8_weight_only)}
+                                  gelu_approximation_unknown, gathers_quantized_table, nonzero_zero_point,
+                                  int4_weight_unsupported, int4_block_undocumented, int8_weight_only)}
 
 
+@functools.cache
 def _cpu_kernels() -> dict[tuple[str, str], list[tuple[int, int]]]:
     import onnxruntime.capi.onnxruntime_pybind11_state as state
 
@@ -160,21 +163,20 @@ def _cpu_kernels() -> dict[tuple[str, str], list[tuple[int, int]]]:
     return kernels
 
 
-def _op_findings(graph: str, node: onnx.NodeProto, facts: GraphFacts, target: Target, cpu_kernels) -> list[Finding]:
+def _op_findings(graph: str, node: onnx.NodeProto, facts: GraphFacts, target: Target) -> list[Finding]:
     name, domain = node.name or node.output[0], node.domain or ""
     if target.ops is not None:  # TensorRT's parser: ONNX-domain ops it has importers for
         if domain not in ("", "ai.onnx") or node.op_type not in target.ops:
             why = f"no importer for {domain + '.' if domain else ''}{node.op_type} in TensorRT {target.trt_version[0]}.{target.trt_version[1]}"
             return [Finding(graph, name, node.op_type, "op-supported", "rejected", why, target.ops_source)]
-        return []
-    if target.name == "ort-cuda" and node.op_type in ORT_CUDA_ELSEWHERE:
+    elif target.name == "ort-cuda" and node.op_type in ORT_CUDA_ELSEWHERE:
         return [Finding(graph, name, node.op_type, "cuda-kernel", "elsewhere", ORT_CUDA_ELSEWHERE[node.op_type],
                         target.ops_source)]
-    version = facts.opsets.get(domain, facts.opsets.get("ai.onnx", 0))
-    ranges = cpu_kernels.get((domain, node.op_type), [])
-    if target.name == "ort-cpu" and not any(lo <= version <= hi for lo, hi in ranges):
-        return [Finding(graph, name, node.op_type, "cpu-kernel", "rejected",
-                        f"no CPU kernel for {node.op_type} at opset {version} in this onnxruntime", target.ops_source)]
+    elif target.name == "ort-cpu":
+        version = facts.opsets.get(domain, facts.opsets.get("ai.onnx", 0))
+        if not any(lo <= version <= hi for lo, hi in _cpu_kernels().get((domain, node.op_type), [])):
+            return [Finding(graph, name, node.op_type, "cpu-kernel", "rejected",
+                            f"no CPU kernel for {node.op_type} at opset {version} in this onnxruntime", target.ops_source)]
     return []
 
 
@@ -203,19 +205,17 @@ def _profile_findings(graph: str, model: onnx.ModelProto, dims: Dims | None, tar
                     "TensorRT: every dynamic input dimension needs an optimization profile")] if missing else []
 
 
-def check_graph(model: onnx.ModelProto, graph: str, target_name: str, base_dir: Path, dims: Dims | None = None,
-                cpu_kernels=None) -> list[Finding]:
+def check_graph(model: onnx.ModelProto, graph: str, target_name: str, base_dir: Path,
+                dims: Dims | None = None) -> list[Finding]:
     """Findings for one graph (parsed without its external data; the rules read small constants)."""
     target = TARGETS[target_name]
-    if cpu_kernels is None and target.name == "ort-cpu":
-        cpu_kernels = _cpu_kernels()
     facts = GraphFacts(model, base_dir)
     findings = [*_type_findings(graph, model, target), *_profile_findings(graph, model, dims, target)]
     rules = [r for r in RULES if target.name in r.targets]
     for node in model.graph.node:
         if node.op_type == "Constant":
             continue
-        findings += _op_findings(graph, node, facts, target, cpu_kernels or {})
+        findings += _op_findings(graph, node, facts, target)
         for rule in rules:
             if rule.op == node.op_type:
                 reason = CHECKS[rule.check](node, facts)
@@ -232,7 +232,6 @@ def check_artifact(root: Path, manifest: dict, target_names: list[str] | None = 
     if unknown:
         raise MossEdgeError(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     dims = Dims.from_manifest(manifest["model"])
-    kernels = _cpu_kernels()
     models = {}
     result = {}
     for name in target_names or list(TARGETS):
@@ -242,7 +241,7 @@ def check_artifact(root: Path, manifest: dict, target_names: list[str] | None = 
         for graph in ("encoder", "adapter", decoder):
             if graph not in models:
                 models[graph] = onnx.load(str(root / f"{graph}.onnx"), load_external_data=False)
-            found = check_graph(models[graph], graph, name, root, dims, kernels)
+            found = check_graph(models[graph], graph, name, root, dims)
             counts[graph] = {v: sum(f.verdict == v for f in found) for v in ("rejected", "elsewhere", "warning")}
             findings += found
         result[name] = {"passed": not any(f.verdict in ("rejected", "elsewhere") for f in findings),
@@ -250,14 +249,9 @@ def check_artifact(root: Path, manifest: dict, target_names: list[str] | None = 
     return result
 
 
-def backends_from_checks(checks: dict) -> list[str]:
-    """The providers an artifact runs on: a provider counts when one of its targets passed."""
-    return sorted({TARGETS[name].provider for name, r in checks.items() if r["passed"]})
-
-
 def summary_lines(checks: dict, limit: int = 12) -> list[str]:
-    """Per target: passed or not, counts per graph, then the first findings (same rule and
-    reason grouped)."""
+    """Per target: passed or not, counts per graph, then its findings, one line per graph, op
+    and rule (the first node's reason, and how many more)."""
     lines = []
     for name, r in checks.items():
         counts = "; ".join(f"{g} " + ", ".join(f"{n} {v}" for v, n in c.items() if n) if any(c.values()) else f"{g} ok"
