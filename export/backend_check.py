@@ -4,7 +4,7 @@ rules beyond that), with the reason and the source of each finding. Needs onnx (
 extra), so it lives here, not in the device runtime."""
 
 import functools
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from moss_edge.export.engine_plan import artifact_plan
 from moss_edge.export.backend_rules import ORT_CUDA_ELSEWHERE, RULES, TARGETS, TRT_TYPES, Target
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.graphs import Dims
@@ -247,6 +248,30 @@ def check_artifact(root: Path, manifest: dict, target_names: list[str] | None = 
         result[name] = {"passed": not any(f.verdict in ("rejected", "elsewhere") for f in findings),
                         "graphs": counts, "findings": [asdict(f) for f in findings]}
     return result
+
+
+def recorded_checks(root: Path, manifest: dict) -> dict:
+    """What export and quantize write in the manifest: per target, passed or not, and the
+    findings counted per graph and per rule (`moss-edge check --json` lists each one)."""
+    return {name: {"passed": r["passed"], "graphs": r["graphs"],
+                   "rules": dict(Counter(f"{f['verdict']} {f['rule']}" for f in r["findings"]))}
+            for name, r in check_artifact(root, manifest).items()}
+
+
+def backends_from_checks(checks: dict) -> list[str]:
+    """The runtime's providers whose target passed (TensorRT: either version)."""
+    return sorted({TARGETS[name].provider for name, r in checks.items() if r["passed"]})
+
+
+def deployment_entries(root: Path, manifest: dict) -> dict:
+    """The manifest's "checks", "backends" (the runtime refuses other providers) and, for an
+    artifact TensorRT takes, "engine_plan" (its memory on a Jetson and the profiles the runtime
+    builds engines with); export and quantize write them."""
+    checks = recorded_checks(root, manifest)
+    out = {"checks": checks, "backends": backends_from_checks(checks)}
+    if "tensorrt" in out["backends"]:
+        out["engine_plan"] = asdict(artifact_plan(root, manifest))
+    return out
 
 
 def summary_lines(checks: dict, limit: int = 12) -> list[str]:

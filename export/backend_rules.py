@@ -97,6 +97,7 @@ RULES = (
     Rule("dq-4bit-block", TRT, "DequantizeLinear", "int4_block_undocumented", "warning",
          TRT_QUANT_DOCS + "; documented block sizes 64 and 128"),
     Rule("dq-int8-weight-only", TRT, "DequantizeLinear", "int8_weight_only", "warning",
-         "TensorRT 10 developer guide: INT8 is explicit quantization of activations and weights (Q/DQ on both); "
-         "weight-only INT8 is not a documented mode: the engine may run the MatMul in higher precision"),
+         "TensorRT 10.11 developer guide, 'Working with Quantized Types': 'TensorRT quantizes activations and "
+         "weights for INT8, FP8, and FP4. Weight-only quantization is supported for INT4': an INT8 weight without "
+         "a quantized activation is outside it (the engine may keep it dequantized, in fp32)"),
 )

@@ -25,11 +25,11 @@ from moss_edge import __version__
 from moss_edge.export.checkpoint import check_checkpoint, checkpoint_hash, read_token_ids, tensor_files
 from moss_edge.export.config import dims_of, load_config
 from moss_edge.export.model import MossAudio
+from moss_edge.export.backend_check import deployment_entries
 from moss_edge.export.ort_decoder import write_ort_decoder
 from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
 from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, sha256_file
 from moss_edge.runtime.graphs import GRAPHS, ORT_DECODER, graph_spec
-from moss_edge.runtime.session import PROVIDERS
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.prompt import TextTokenizer, TokenIds
 
@@ -221,12 +221,6 @@ def export_graphs(checkpoint_dir: Path, cfg, audio_token: int, out: Path, opset:
     export("decoder", DecoderGraph(model, audio_token), args, (*shapes[:4], tuple(shapes[4:])))
 
 
-def backends_for_opset(opset: int) -> list[str]:
-    """Opset 23 brings single-op Attention and RMSNormalization (faster on ORT CPU), but
-    TensorRT 10.3 (JetPack 6) parses older opsets only: such an artifact is marked CPU-only."""
-    return list(PROVIDERS) if opset <= 21 else ["cpu"]
-
-
 def check_token_ids(ids: TokenIds, vocab_size: int) -> None:
     """Every id the runtime feeds must index the embedding table; say which flag sets a bad one."""
     named = [("audio_token", ids.audio_token, "--audio-token-id"), ("audio_start", ids.audio_start, "--audio-start-id"),
@@ -281,12 +275,14 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
             "source": {"checkpoint": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)},
             "config": cfg.to_hf_dict(), "model": asdict(dims_of(cfg)),
             "graphs": {g: graph_entry(tmp, g, "fp32", hashed=hashed) for g in GRAPHS},
-            "token_ids": vars(ids), "tokenizer_files": tokenizer_files, "backends": backends_for_opset(opset),
+            "token_ids": vars(ids), "tokenizer_files": tokenizer_files, "backends": [],
             "unfinished": "export: parity not checked yet",
         }
         if ort_decoder is not None:
             manifest["graphs"][ORT_DECODER] = graph_entry(tmp, ORT_DECODER, "fp32", ort_decoder, hashed)
             manifest["decoders"] = {"cpu": ORT_DECODER}
+        if not in_checkpoint:  # the quantized artifact made from graphs left in the checkpoint checks its own
+            manifest.update(deployment_entries(tmp, manifest))
         write_manifest(tmp, manifest)
         if in_checkpoint:
             manifest["weights_in_checkpoint"] = True

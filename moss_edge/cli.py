@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from moss_edge.runtime.errors import MossEdgeError
@@ -148,13 +149,15 @@ def cmd_verify(args) -> None:
 def cmd_check(args) -> None:
     from moss_edge.runtime.artifact import Artifact
     from moss_edge.export.backend_check import check_artifact, summary_lines
+    from moss_edge.export.engine_plan import artifact_plan, plan_lines
 
     artifact = Artifact.load(args.artifact, check_hashes=False)
     checks = check_artifact(artifact.root, artifact.manifest, args.target)
+    plan = artifact_plan(artifact.root, artifact.manifest) if any(t.startswith("tensorrt") for t in checks) else None
     if args.json:
-        print(json.dumps(checks, indent=2))
+        print(json.dumps({"checks": checks, "engine_plan": asdict(plan) if plan else None}, indent=2))
     else:
-        print("\n".join(summary_lines(checks)))
+        print("\n".join(summary_lines(checks) + (plan_lines(plan) if plan else [])))
     if not all(r["passed"] for r in checks.values()):
         raise SystemExit(1)
 
@@ -186,6 +189,15 @@ def cmd_info(args) -> None:
     if m.get("decoders"):
         print("decoders  " + ", ".join(f"{provider} runs {graph}" for provider, graph in m["decoders"].items())
               + "; other providers run decoder")
+    print(f"runs on   {', '.join(m['backends']) or 'nothing checked'}")
+    for target, r in m.get("checks", {}).items():
+        found = ", ".join(f"{n} {rule}" for rule, n in r["rules"].items()) or "nothing found"
+        print(f"check     {target:<15} {'pass' if r['passed'] else 'FAIL'}  {found}")
+    if "engine_plan" in m:
+        from moss_edge.export.engine_plan import EnginePlan, plan_lines
+
+        for line in plan_lines(EnginePlan(**m["engine_plan"])):
+            print(f"jetson    {line.strip()}")
     if "parity" in m:
         _print_summary(m["parity"])
     for line in summarize_kept(m.get("quantization", {}).get("higher_precision", {})):

@@ -17,6 +17,7 @@ import onnx
 
 from moss_edge.calibration.activations import activation_ranges, decoder_input_stats, reference_input_stats
 from moss_edge.calibration.dataset import build_samples, find_audio
+from moss_edge.export.backend_check import deployment_entries
 from moss_edge.export.config import load_config, parse_config
 from moss_edge.export.ort_decoder import write_ort_decoder
 from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
@@ -137,7 +138,8 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
         manifest["graphs"][ORT_DECODER] = graph_entry(tmp, ORT_DECODER, written["decoder"].precision,
                                                       written["decoder"].ort_variant, hashed)
         manifest["decoders"] = {"cpu": ORT_DECODER}
-    manifest["backends"] = sorted(set(recipe.backends) & set(src.manifest.get("backends", recipe.backends)))
+    manifest.pop("engine_plan", None)
+    manifest.update(deployment_entries(tmp, manifest))
     kernels = {name: cpu_kernels(tmp / f"{name}.onnx") for name, e in manifest["graphs"].items() if e["precision"] != "fp32"}
     unfused = {g: k["dequantized_weights"] for g, k in kernels.items() if k["dequantized_weights"]}
     if unfused:

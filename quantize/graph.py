@@ -24,7 +24,7 @@ NP_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, Tens
 
 @dataclass
 class WeightRule:
-    bits: int  # 4 or 8
+    bits: int  # 4 or 8; 16 for an embedding table stored in fp16
     block: int  # rows per scale along the input dimension
     method: str = "rtn"  # "rtn", "clip" (activation-weighted clipping) or "awq"
     per_channel: bool = False  # one scale per output column (the INT8 layout TensorRT takes for W8A8)
@@ -158,6 +158,18 @@ def gathered_table(rw: Rewrite, users: list[onnx.NodeProto], inits: list[TensorP
         rw.removed.add(id(user))
 
 
+def half_table(rw: Rewrite, name: str, users: list[onnx.NodeProto], value: np.ndarray) -> None:
+    """Embedding table in fp16 (TensorRT gathers no INT8 table): gather the rows, cast them to fp32."""
+    rw.initializers.append(rw.writer.tensor(name, TensorProto.FLOAT16, value.shape,
+                                            np.ascontiguousarray(value, np.float16).tobytes()))
+    for user in users:
+        rw.insert_before(user, helper.make_node("Gather", [name, user.input[1]], [f"{user.name}_rows_fp16"],
+                                                name=f"{user.name}_fp16"),
+                         helper.make_node("Cast", [f"{user.name}_rows_fp16"], list(user.output),
+                                          name=f"{user.name}_cast", to=TensorProto.FLOAT))
+        rw.removed.add(id(user))
+
+
 def scaled_inputs(rw: Rewrite, name: str, users: list[onnx.NodeProto], input_scale: np.ndarray) -> None:
     """AWQ: x @ W == (x / s) @ (s W): divide the input, once per consumer."""
     inv = rw.writer.tensor(f"{name}_input_scale", TensorProto.FLOAT, input_scale.shape,
@@ -208,6 +220,10 @@ def quantize_weights(model: onnx.ModelProto, read: Callable[[TensorProto], np.nd
                                                         np.ascontiguousarray(value).tobytes()))
                 continue
             users = consumers.get(init.name, [])
+            if rule.bits == 16:
+                half_table(rw, init.name, users, np.asarray(value, np.float32))
+                done[init.name] = {"bits": 16, "block": None, "method": "fp16", "awq": False, "activations": False}
+                continue
             # MatMul(X, W[K, N]) blocks along K (axis 0); Gather(W[V, H], ids) along H (axis 1)
             table = bool(users) and all(u.op_type == "Gather" for u in users)
             matmul_input = next((u.input[0] for u in users if u.op_type == "MatMul"), None)

@@ -11,7 +11,7 @@ from moss_edge.export.onnx_export import IN_CHECKPOINT, CheckpointWeights
 from moss_edge.quantize.graph import WeightRule, read_initializer
 from moss_edge.quantize.recipe import GraphRecipe
 
-BITS = {"int4": 4, "int8": 8, "w8a8": 8}
+BITS = {"int4": 4, "int8": 8, "w8a8": 8, "fp16": 16}  # 16: a half-precision table, no scales
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
 
 
@@ -45,8 +45,8 @@ def weight_precision(name: str, op: str, dims: list[int], recipe: GraphRecipe) -
     pattern = next((k for k in recipe.keep if k in name), None)
     if pattern is not None:
         return "fp32", f"the recipe keeps weights matching {pattern!r}"
-    if precision == "fp32":
-        return "fp32", why + " is fp32"
+    if precision in ("fp32", "fp16"):
+        return precision, f"{why} is {precision}"
     return precision, ""
 
 

@@ -14,7 +14,7 @@ from moss_edge.quantize.recipe import GraphRecipe, Recipe
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.session import available_memory
 
-BYTES_PER_PARAMETER = {"fp32": 4.0, "int8": 1.0, "int8-dynamic": 1.0, "w8a8": 1.0, "int4": 0.5}
+BYTES_PER_PARAMETER = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int8-dynamic": 1.0, "w8a8": 1.0, "int4": 0.5}
 
 
 @dataclass
@@ -32,17 +32,22 @@ def _bytes(parameters: int, recipe: GraphRecipe, precision: str | None = None) -
     return int(parameters * (BYTES_PER_PARAMETER[precision] + scales))
 
 
-def estimate(cfg, recipe: Recipe) -> Estimate:
+def graph_bytes(cfg, recipe: Recipe) -> dict[str, int]:
+    """Each graph's bytes on disk under the recipe, from the config alone (a meta-device model)."""
     with torch.device("meta"):
         model = MossAudio(cfg)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     lm, decoder = model.language_model, recipe.graphs["decoder"]
-    encoder, adapter = recipe.graphs["encoder"], recipe.graphs["adapter"]
-    encoder_params = count(model.audio_encoder)
-    artifact = (_bytes(encoder_params, encoder) + _bytes(count(model.audio_adapter) + count(model.deepstack_audio_merger_list), adapter)
-                + _bytes(count(lm.layers), decoder) + _bytes(lm.embed_tokens.weight.numel(), decoder, decoder.embedding)
-                + _bytes(model.lm_head.weight.numel(), decoder, decoder.lm_head))
-    largest = 4 * max(p.numel() for p in model.parameters())
+    return {"encoder": _bytes(count(model.audio_encoder), recipe.graphs["encoder"]),
+            "adapter": _bytes(count(model.audio_adapter) + count(model.deepstack_audio_merger_list), recipe.graphs["adapter"]),
+            "decoder": _bytes(count(lm.layers), decoder) + _bytes(lm.embed_tokens.weight.numel(), decoder, decoder.embedding)
+                       + _bytes(model.lm_head.weight.numel(), decoder, decoder.lm_head)}
+
+
+def estimate(cfg, recipe: Recipe) -> Estimate:
+    artifact = sum(graph_bytes(cfg, recipe).values())
+    with torch.device("meta"):
+        largest = 4 * max(p.numel() for p in MossAudio(cfg).parameters())
     reference = reference_bytes(cfg, piecewise=True)
     # a weight being quantized takes about three times its fp32 size; the parity check one
     # decoder session, the encoder's and adapter's, and the reference's largest piece

@@ -5,16 +5,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moss_edge.runtime.graphs import GRAPHS
-from moss_edge.runtime.session import PROVIDERS
 from moss_edge.runtime.errors import MossEdgeError
 
 PRECISIONS = ("fp32", "int8", "int8-dynamic", "int4", "w8a8")
 METHODS = ("rtn", "clip", "awq")
 TABLE_PRECISIONS = ("fp32", "int8", "int4")
-# Which ONNX Runtime providers run a graph of each precision. Dynamic INT8 (MatMulInteger with
-# runtime activation quantization) is the fastest INT8 on ORT CPU; TensorRT does not take it.
-BACKENDS = {"fp32": set(PROVIDERS), "int8": set(PROVIDERS), "int4": set(PROVIDERS), "int8-dynamic": {"cpu"},
-            "w8a8": set(PROVIDERS)}
+EMBEDDING_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -41,8 +37,10 @@ class GraphRecipe:
             raise MossEdgeError(f"{graph}: block {self.block} must be a power of two from 16 to 256")
         if self.lm_head not in TABLE_PRECISIONS:
             raise MossEdgeError(f"{graph}: lm_head {self.lm_head!r} is not one of {', '.join(TABLE_PRECISIONS)}")
-        if self.embedding not in ("fp32", "int8"):  # rows are gathered before dequantizing; int4 Gather is not portable
-            raise MossEdgeError(f"{graph}: embedding {self.embedding!r} must be fp32 or int8")
+        # rows are gathered before dequantizing (int4 Gather is not portable); TensorRT gathers no
+        # INT8 table at all, and takes fp16
+        if self.embedding not in EMBEDDING_PRECISIONS:
+            raise MossEdgeError(f"{graph}: embedding {self.embedding!r} must be one of {', '.join(EMBEDDING_PRECISIONS)}")
         if self.activations not in ("percentile", "minmax"):
             raise MossEdgeError(f"{graph}: activations {self.activations!r} must be percentile or minmax")
         if self.precision == "w8a8" and graph == "decoder":
@@ -56,11 +54,6 @@ class Recipe:
     name: str
     graphs: dict[str, GraphRecipe]
     calibration_samples: int = 12
-
-    @property
-    def backends(self) -> list[str]:
-        ok = set.intersection(*(BACKENDS[g.precision] for g in self.graphs.values()))
-        return sorted(ok)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "calibration_samples": self.calibration_samples,
@@ -85,10 +78,14 @@ PRESETS = {
     "int4": lambda: _preset("int4", "int8-dynamic", "int8-dynamic", GraphRecipe("int4", block=128)),
     # the same with activation-aware scaling and clipping from the calibration set
     "int4-awq": lambda: _preset("int4-awq", "int8-dynamic", "int8-dynamic", GraphRecipe("int4", method="awq", block=128)),
-    # every graph weight-only (DequantizeLinear): runs on TensorRT and CUDA as well as CPU
-    "int4-trt": lambda: _preset("int4-trt", "int8", "fp32", GraphRecipe("int4", method="awq", block=128)),
+    # Jetson / TensorRT: every weight in TensorRT's documented weight-only mode, INT4 blocked by
+    # 128 (TensorRT 10 quantizes INT8 only with its activations), the embedding table fp16
+    # (TensorRT gathers no quantized table); runs on CUDA and CPU as well
+    "int4-trt": lambda: _preset("int4-trt", "int4", "int4", GraphRecipe("int4", method="awq", block=128, lm_head="int4",
+                                                                         embedding="fp16")),
     # TensorRT INT8 tensor cores: encoder and adapter with calibrated INT8 activations (static QDQ)
-    "w8a8": lambda: _preset("w8a8", "w8a8", "w8a8", GraphRecipe("int4", method="awq", block=128)),
+    "w8a8": lambda: _preset("w8a8", "w8a8", "w8a8", GraphRecipe("int4", method="awq", block=128, lm_head="int4",
+                                                                 embedding="fp16")),
 }
 
 

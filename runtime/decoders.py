@@ -3,24 +3,42 @@ ONNX Runtime values between calls (IO binding), so the cache never round-trips t
 
 DecoderRunner runs the portable decoder (past in, grown present out); BufferedDecoderRunner
 runs the contrib-op decoder, whose cache is written in place. Both: prefill(ids, audio rows,
-DeepStack rows) then step(token), each returning the last position's logits.
+DeepStack rows) then step(token), each returning the last position's logits. A prompt longer
+than `prefill_chunk` is prefilled in pieces: the attention scores of one piece against the
+cache, not of the whole prompt against itself, bound the memory (and TensorRT's profiles).
 """
 
 import numpy as np
 import onnxruntime as ort
 
 from moss_edge.runtime.graphs import ORT_DECODER, Dims, buffered_decoder_feeds, cache_names, decoder_feeds, empty_cache
-from moss_edge.runtime.session import shrinking_arena
+from moss_edge.runtime.session import ShapeLimits, shrinking_arena
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def output_devices(session) -> dict[str, str]:
+    """Where the decoder's outputs are bound: the logits on the host (sampling reads them), the
+    present KV cache where the session runs, so on a GPU it never crosses to the host between
+    steps (it is bound again as the next step's past)."""
+    cache = "cuda" if session.get_providers()[0] in GPU_PROVIDERS else "cpu"
+    return {o.name: "cpu" if o.name == "logits" else cache for o in session.get_outputs()}
+
+
+def prefill_pieces(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most `chunk` prompt positions covering n."""
+    return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
 
 
 class DecoderRunner:
     """Runs decoder.onnx with its KV cache kept as ONNX Runtime values between steps
     (IO binding), so the cache never round-trips through numpy."""
 
-    def __init__(self, session, dims: Dims):
+    def __init__(self, session, dims: Dims, prefill_chunk: int = ShapeLimits.max_prompt):
         self.session = session
         self.dims = dims
-        self.output_names = [o.name for o in session.get_outputs()]
+        self.prefill_chunk = prefill_chunk
+        self.devices = output_devices(session)
         types = {i.name: i.type for i in session.get_inputs()}
         self.cache_dtype = np.float16 if "float16" in types[cache_names(dims, "past")[0]] else np.float32
         self.embed_dtype = np.float16 if "float16" in types["audio_embeds"] else np.float32
@@ -37,8 +55,8 @@ class DecoderRunner:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             else:
                 binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, "cpu")
+        for name, device in self.devices.items():
+            binding.bind_output(name, device)
         self.session.run_with_iobinding(binding, options)
         outputs = binding.get_outputs()
         self.past = outputs[1:]
@@ -47,9 +65,13 @@ class DecoderRunner:
 
     def prefill(self, prompt_ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
         self.length = 0
-        empty = [empty_cache(self.dims, self.cache_dtype)] * (2 * self.dims.num_hidden_layers)
-        return self._run(np.array([prompt_ids], np.int64), audio[None].astype(self.embed_dtype),
-                         deepstack[:, None].astype(self.embed_dtype), empty, shrinking_arena())
+        self.past = [empty_cache(self.dims, self.cache_dtype)] * (2 * self.dims.num_hidden_layers)
+        ids, audio, deepstack = np.array([prompt_ids], np.int64), audio.astype(self.embed_dtype), deepstack.astype(self.embed_dtype)
+        pieces = prefill_pieces(len(prompt_ids), self.prefill_chunk)
+        for start, end in pieces:
+            logits = self._run(ids[:, start:end], audio[None, start:end], deepstack[:, None, start:end], self.past,
+                               shrinking_arena() if end == pieces[-1][1] else None)
+        return logits
 
     def step(self, token: int) -> np.ndarray:
         return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack, self.past)
@@ -62,9 +84,10 @@ class BufferedDecoderRunner:
 
     HEADROOM = 256
 
-    def __init__(self, session, dims: Dims):
+    def __init__(self, session, dims: Dims, prefill_chunk: int = ShapeLimits.max_prompt):
         self.session = session
         self.dims = dims
+        self.prefill_chunk = prefill_chunk
         self.buffers: list[ort.OrtValue] = []
         self.length = 0
         self.step_audio = np.zeros((1, 1, dims.hidden_size), np.float32)
@@ -100,13 +123,18 @@ class BufferedDecoderRunner:
 
     def prefill(self, prompt_ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
         self.length = 0
-        return self._run(np.array([prompt_ids], np.int64), audio[None].astype(np.float32),
-                         deepstack[:, None].astype(np.float32), shrinking_arena())
+        self._reserve(len(prompt_ids))  # once, not per piece
+        ids, audio, deepstack = np.array([prompt_ids], np.int64), audio.astype(np.float32), deepstack.astype(np.float32)
+        pieces = prefill_pieces(len(prompt_ids), self.prefill_chunk)
+        for start, end in pieces:
+            logits = self._run(ids[:, start:end], audio[None, start:end], deepstack[:, None, start:end],
+                               shrinking_arena() if end == pieces[-1][1] else None)
+        return logits
 
     def step(self, token: int) -> np.ndarray:
         return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack)
 
 
-def decoder_runner(graph: str, session, dims: Dims):
+def decoder_runner(graph: str, session, dims: Dims, prefill_chunk: int = ShapeLimits.max_prompt):
     """The runner for a decoder graph: in-place cache buffers for decoder_ort, past/present otherwise."""
-    return (BufferedDecoderRunner if graph == ORT_DECODER else DecoderRunner)(session, dims)
+    return (BufferedDecoderRunner if graph == ORT_DECODER else DecoderRunner)(session, dims, prefill_chunk)

@@ -71,6 +71,27 @@ def check_graph_io(artifact: Artifact, name: str, session) -> None:
                             f"({'; '.join(problems[:4])}); export the artifact again")
 
 
+def installed_tensorrt() -> tuple[int, int] | None:
+    """The TensorRT Python package's version (JetPack installs it beside the library), if any."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return tuple(int(p) for p in tensorrt.__version__.split(".")[:2])
+
+
+def check_tensorrt_version(checks: dict, installed: tuple[int, int] | None) -> None:
+    """Refuse a TensorRT older than every TensorRT version the artifact's checks passed (an
+    opset-23 artifact on JetPack 6's 10.3, say) before any engine build starts."""
+    passed = [tuple(int(p) for p in name.split("-")[1].split(".")) for name, r in checks.items()
+              if name.startswith("tensorrt-") and r["passed"]]
+    if installed is None or not passed or installed >= min(passed):
+        return
+    raise MossEdgeError(f"this artifact's graphs pass TensorRT {'.'.join(map(str, min(passed)))} and later "
+                        f"(moss-edge check); this device has TensorRT {'.'.join(map(str, installed))}. Export with "
+                        "--opset 21 and quantize with --recipe int4-trt for JetPack 6")
+
+
 class Pipeline:
     """A loaded artifact: generate/stream for applications, and the Inference interface
     (encode, prefill, step; runtime/inference.py) for the tools that drive models directly.
@@ -83,7 +104,10 @@ class Pipeline:
         if provider not in backends:
             precisions = {g: e["precision"] for g, e in artifact.manifest["graphs"].items()}
             raise MossEdgeError(f"artifact {artifact.root} ({precisions}) does not run on {provider}; it runs on "
-                                f"{', '.join(backends)}. For TensorRT/CUDA quantize with --recipe int4-trt")
+                                f"{', '.join(backends)} (`moss-edge check {artifact.root}` says node by node why). "
+                                "For TensorRT/CUDA quantize with --recipe int4-trt")
+        if provider == "tensorrt":
+            check_tensorrt_version(artifact.manifest.get("checks", {}), installed_tensorrt())
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise MossEdgeError(f"threads must be a whole number >= 1 (or left out for all cores), got {threads!r}")
         if artifact.failed_parity:
@@ -94,9 +118,15 @@ class Pipeline:
         self.ids = artifact.token_ids
         self.dims = artifact.dims
         cache = artifact.root / "trt_cache"
+        # TensorRT builds for the profiles the manifest's engine plan was made for (a Jetson's)
+        planned = artifact.manifest.get("engine_plan", {}).get("limits") if provider == "tensorrt" else None
+        self.limits = limits or (ShapeLimits(**planned) if planned else ShapeLimits())
+        # TensorRT engines are built for contexts up to the profile's maximum
+        self.context_limit = min(self.dims.max_positions, self.limits.max_context) if provider == "tensorrt" \
+            else self.dims.max_positions
 
         def session(graph):
-            profiles = trt_profiles(graph, self.dims, limits or ShapeLimits()) if provider == "tensorrt" else None
+            profiles = trt_profiles(graph, self.dims, self.limits) if provider == "tensorrt" else None
             return make_session(artifact.graph_path(graph), provider, threads, cache, profiles)
 
         self._session = session
@@ -118,7 +148,7 @@ class Pipeline:
         if with_decoder:
             loaded = session(self.decoder_graph)
             check_graph_io(artifact, self.decoder_graph, loaded)
-            self.decoder = decoder_runner(self.decoder_graph, loaded, self.dims)
+            self.decoder = decoder_runner(self.decoder_graph, loaded, self.dims, self.limits.max_prompt)
         self.tokenizer = TextTokenizer.from_dir(artifact.root) if artifact.tokenizer_files else None
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside generate/stream, to catch re-entry
@@ -132,7 +162,7 @@ class Pipeline:
         other = copy.copy(self)
         loaded = self._session(graph)
         check_graph_io(self.artifact, graph, loaded)
-        other.decoder_graph, other.decoder = graph, decoder_runner(graph, loaded, self.dims)
+        other.decoder_graph, other.decoder = graph, decoder_runner(graph, loaded, self.dims, self.limits.max_prompt)
         other._lock, other._owner = threading.Lock(), None
         return other
 
@@ -206,20 +236,20 @@ class Pipeline:
         waveforms = [to_waveform(c) for c in clips]
         clip_tokens = [clip_token_count(len(w), self.dims.chunk_frames) for w in waveforms]
         ids = self.prompt_ids(prompt, clip_tokens)
-        limit = self.dims.max_positions
+        limit = self.context_limit
         if len(ids) >= limit:
             seconds = sum(len(w) for w in waveforms) / SAMPLE_RATE
             text = len(self.prompt_ids(prompt, [0] * len(clips)))  # the prompt without audio positions
             fit = max(0.0, (limit - 1 - text) * seconds / (len(ids) - text))
             raise MossEdgeError(f"the prompt is {len(ids)} tokens ({seconds:.0f} s of audio) but the model takes "
-                                f"{limit} positions: about {fit:.0f} s of audio fit with this question; "
+                                f"{limit} positions{' (the TensorRT profile: ShapeLimits.max_context)' if limit < self.dims.max_positions else ''}: about {fit:.0f} s of audio fit with this question; "
                                 "shorten the audio or ask about parts of it")
         return waveforms, ids
 
     def _room(self, ids: list[int], opts: SamplingOptions) -> SamplingOptions:
         """The options with max_new_tokens cut to the positions left after the prompt."""
         opts.check()
-        room = self.dims.max_positions - len(ids)
+        room = self.context_limit - len(ids)
         return replace(opts, max_new_tokens=room) if room < opts.max_new_tokens else opts
 
     def prefill(self, prompt_ids: list[int], audio: AudioFeatures, deepstack: bool = True) -> np.ndarray:

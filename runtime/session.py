@@ -24,12 +24,15 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+TRT_WORKSPACE = 2 << 30  # TensorRT's scratch memory for its kernels, at most
+
+
 @dataclass
 class ShapeLimits:
     """The largest inputs a TensorRT engine is built for (TensorRT needs shape ranges up front)."""
 
     max_chunks: int = 64  # encoder chunks per call (the runtime sends conv_chunksize at most)
-    max_prompt: int = 2048  # prompt tokens in one prefill
+    max_prompt: int = 2048  # prompt tokens per prefill run (longer prompts are prefilled in pieces)
     max_context: int = 4096  # prompt + generated tokens
 
 
@@ -70,7 +73,7 @@ def tensorrt_options(cache_dir: Path | None, profiles: dict[str, str] | None) ->
     """TensorRT EP settings: engines and timing caches kept beside the artifact (building an
     engine takes minutes on a Jetson), fp16 off so the artifact's precision is what runs,
     shape profiles from the artifact's sizes."""
-    options = {"trt_fp16_enable": False, "trt_max_workspace_size": 2 << 30}
+    options = {"trt_fp16_enable": False, "trt_max_workspace_size": TRT_WORKSPACE}
     if cache_dir is not None:
         options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
                        trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))

@@ -91,29 +91,72 @@ def recipe_artifacts(synthetic_artifact, tmp_path_factory):
     out = tmp_path_factory.mktemp("recipes")
     return {"fp32": synthetic_artifact,
             **{r: quantize_artifact(synthetic_artifact, out / r, PRESETS[r](), verify=False, log=lambda m: None).path
-               for r in ("int4", "int4-trt")}}
+               for r in PRESETS}}
 
 
 def test_check_on_each_recipe(recipe_artifacts):
     results = {r: check_artifact(a, json.loads((a / "manifest.json").read_text())) for r, a in recipe_artifacts.items()}
     assert all(r["passed"] for r in results["fp32"].values())
     assert all(results[r]["ort-cpu"]["passed"] for r in results)  # ORT CPU runs every recipe
-    # dynamic INT8 (the CPU recipes' encoder and adapter) has no TensorRT importer and no CUDA kernel
+    # dynamic INT8 (the CPU recipes' encoder and adapter) has no TensorRT importer and no CUDA kernel,
+    # and their INT8 embedding table is gathered before it is dequantized
     rejected = {f["op"] for f in results["int4"]["tensorrt-10.3"]["findings"] if f["verdict"] == "rejected"}
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= rejected
+    assert {"DynamicQuantizeLinear", "MatMulInteger", "Gather"} <= rejected
     assert not results["int4"]["ort-cuda"]["passed"]
-    # the TensorRT recipe: INT4 decoder weights pass; the INT8 embedding table gathered before
-    # dequantizing does not (a known gap, see issue 15's note)
-    trt = results["int4-trt"]["tensorrt-10.3"]["findings"]
-    assert not [f for f in trt if f["rule"].startswith("dq-4bit") or f["rule"] == "dq-zero-point"]
-    assert {f["rule"] for f in trt if f["verdict"] == "rejected"} == {"gather-quantized-table"}
+    for cpu_recipe in ("int8", "int4-awq"):
+        assert not results[cpu_recipe]["tensorrt-10.3"]["passed"] and not results[cpu_recipe]["ort-cuda"]["passed"]
+    # the TensorRT recipes pass JetPack 6's 10.3 with nothing outside TensorRT's documented modes
+    for recipe in ("int4-trt", "w8a8"):
+        for target in ("tensorrt-10.3", "tensorrt-10.16"):
+            assert results[recipe][target]["passed"], (recipe, target)
+            assert not [f for f in results[recipe][target]["findings"] if f["rule"] != "dq-4bit-block"]
+
+
+def test_manifest_records_checks_backends_and_engine_plan(recipe_artifacts):
+    manifests = {r: json.loads((a / "manifest.json").read_text()) for r, a in recipe_artifacts.items()}
+    for recipe, m in manifests.items():
+        fresh = check_artifact(recipe_artifacts[recipe], m)
+        assert {t: r["passed"] for t, r in m["checks"].items()} == {t: r["passed"] for t, r in fresh.items()}
+    assert manifests["int4"]["backends"] == ["cpu"] and "engine_plan" not in manifests["int4"]
+    assert manifests["int4-trt"]["backends"] == ["cpu", "cuda", "tensorrt"]
+    kept = manifests["int4-trt"]["quantization"]["higher_precision"]["decoder"]
+    assert [w["precision"] for w in kept.values()] == ["fp16"]  # the embedding table, and nothing else
+    plan = manifests["int4-trt"]["engine_plan"]
+    on_disk = sum((recipe_artifacts["int4-trt"] / f).stat().st_size
+                  for g in ("encoder", "adapter", "decoder") for f in manifests["int4-trt"]["graphs"][g]["files"])
+    assert sum(plan["weights"].values()) == on_disk and plan["total"] > on_disk + plan["kv_cache"]
+
+
+def test_engine_plan_for_ten_minutes_of_audio_at_4b_widths():
+    from moss_edge.export.engine_plan import GIB, context_for_audio, jetson_limits, plan
+
+    dims = {"hidden_size": 2560, "num_hidden_layers": 36, "num_key_value_heads": 8, "head_dim": 128,
+            "vocab_size": 151936, "num_deepstack": 3, "num_taps": 3, "chunk_frames": 400, "conv_chunksize": 64,
+            "audio_dim": 1280, "max_positions": 40960}
+    io = [{"name": "past_key_0", "dtype": "float32"}, {"name": "audio_embeds", "dtype": "float32"}]
+    manifest = {"model": dims, "graphs": {"decoder": {"inputs": io}},
+                "config": {"language_config": {"num_attention_heads": 32, "intermediate_size": 9728},
+                           "audio_config": {"downsample_hidden_size": 480, "encoder_ffn_dim": 5120}}}
+    from moss_edge.runtime.graphs import Dims
+
+    limits = jetson_limits(Dims(**dims))
+    # 600 s: 7500 audio tokens, 300 time markers of 1-3 digits, the question and answer
+    assert context_for_audio(600, Dims(**dims)) == 7500 + 847 + 512 <= limits.max_context
+    # about 4.4 GiB of INT4 weights (the 4B int4-trt artifact's graphs)
+    p = plan(manifest, {"encoder": int(0.35 * GIB), "adapter": int(0.1 * GIB), "decoder": int(3.0 * GIB)}, limits)
+    assert p.kv_cache == 2 * 36 * 2 * 8 * 128 * 4 * limits.max_context  # fp32 past and present
+    assert p.fits["agx-orin-64gb"]["fits"]
+    small = plan(manifest, {"decoder": int(3.0 * GIB)}, limits)
+    big = plan(manifest, {"decoder": int(9.0 * GIB)}, limits)  # an fp16-sized 4B decoder does not fit an Orin NX
+    assert small.total < big.total and not big.fits["orin-nx-16gb"]["fits"]
 
 
 def test_check_cli(recipe_artifacts, capsys):
     assert main(["check", str(recipe_artifacts["fp32"])]) == 0
-    assert "tensorrt-10.3   PASS" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tensorrt-10.3   PASS" in out and "orin-nx-16gb: fits" in out
     with pytest.raises(SystemExit) as failed:
         main(["check", str(recipe_artifacts["int4"]), "--target", "tensorrt-10.3", "--json"])
     assert failed.value.code == 1
-    assert json.loads(capsys.readouterr().out)["tensorrt-10.3"]["passed"] is False
+    assert json.loads(capsys.readouterr().out)["checks"]["tensorrt-10.3"]["passed"] is False
     assert main(["check", str(recipe_artifacts["fp32"]), "--target", "tensorrt-9"]) == 2

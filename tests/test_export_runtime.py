@@ -14,7 +14,7 @@ from moss_edge.export.reference import ReferencePipeline
 from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.audio import load_audio
 from moss_edge.runtime.errors import MossEdgeError
-from moss_edge.runtime.pipeline import Pipeline
+from moss_edge.runtime.pipeline import Pipeline, check_tensorrt_version
 
 RUNTIME_ONLY = """
 import json, sys
@@ -143,7 +143,7 @@ def test_tampering_is_detected(synthetic_artifact, tmp_path):
         Artifact.load(art)
 
 
-def test_opset23_fuses_attention_and_is_cpu_only(synthetic_checkpoint, tmp_path):
+def test_opset23_fuses_attention_and_needs_a_newer_tensorrt(synthetic_checkpoint, tmp_path):
     from moss_edge.export.onnx_export import export_artifact
 
     out = export_artifact(synthetic_checkpoint, tmp_path / "o23", opset=23, verify_steps=8, log=lambda m: None)
@@ -151,9 +151,13 @@ def test_opset23_fuses_attention_and_is_cpu_only(synthetic_checkpoint, tmp_path)
     assert manifest["parity"]["passed"] and manifest["parity"]["prefill_logits_rel"] < 1e-4
     ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node}
     assert {"Attention", "RMSNormalization"} <= ops
-    assert manifest["backends"] == ["cpu"]
-    with pytest.raises(MossEdgeError, match="does not run on tensorrt"):
-        Pipeline.load(out, provider="tensorrt")
+    # opset 23's Attention / RMSNormalization: no importer in JetPack 6's TensorRT 10.3, one in 10.15+
+    assert not manifest["checks"]["tensorrt-10.3"]["passed"] and manifest["checks"]["tensorrt-10.16"]["passed"]
+    assert manifest["checks"]["tensorrt-10.3"]["rules"]["rejected op-supported"] >= 2
+    assert "tensorrt" in manifest["backends"]
+    with pytest.raises(MossEdgeError, match="pass TensorRT 10.16 and later.*this device has TensorRT 10.3"):
+        check_tensorrt_version(manifest["checks"], (10, 3))
+    check_tensorrt_version(manifest["checks"], (10, 16))
 
 
 def test_concurrent_requests_on_one_pipeline(synthetic, upstream):

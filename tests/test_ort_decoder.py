@@ -1,7 +1,9 @@
 """The contrib-op decoder (decoder_ort.onnx): the same model as the portable decoder, on the
 same bytes, with its KV cache written in place."""
 
+import copy
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -73,3 +75,39 @@ def test_head_sizes_groupqueryattention_cannot_take_keep_the_portable_decoder(sy
     manifest = _manifest(synthetic_artifact)  # the synthetic preset's head_dim is 24, not a multiple of 16
     assert "decoders" not in manifest and ORT_DECODER not in manifest["graphs"]
     assert Pipeline.load(synthetic_artifact).decoder_graph == "decoder"
+
+
+def test_long_prompts_are_prefilled_in_pieces_with_the_same_result(fixture_artifact, upstream):
+    from moss_edge.runtime.decoders import decoder_runner, prefill_pieces
+
+    assert prefill_pieces(10, 4) == [(0, 4), (4, 8), (8, 10)] and prefill_pieces(3, 8) == [(0, 3)]
+    pipe = Pipeline.load(fixture_artifact)
+    ids = upstream["ids"]
+    features = pipe.encode([upstream["audio"]])
+    prompt = pipe.prompt_ids([ids.audio_start, ids.audio_end], features.clip_tokens)
+    for graph in (ORT_DECODER, "decoder"):
+        whole = pipe.using_decoder(graph)
+        pieces = copy.copy(whole)
+        pieces.decoder = decoder_runner(graph, whole.decoder.session, whole.dims, prefill_chunk=7)
+        assert len(prompt) > 3 * 7
+        got, want = _decode(pieces, prompt, features, 4), _decode(whole, prompt, features, 4)
+        assert max(rel_err(a, b) for a, b in zip(got, want)) < 1e-4, graph
+        assert pieces.decoder.length == whole.decoder.length == len(prompt) + 4
+
+
+def test_gpu_sessions_keep_the_kv_cache_on_the_device():
+    from moss_edge.runtime.decoders import output_devices
+
+    class Stub:  # what output_devices reads of an onnxruntime session
+        def __init__(self, provider):
+            self.provider = provider
+
+        def get_providers(self):
+            return [self.provider, "CPUExecutionProvider"]
+
+        def get_outputs(self):
+            return [SimpleNamespace(name=n) for n in ("logits", "present_key_0", "present_value_0")]
+
+    for provider, cache in (("CUDAExecutionProvider", "cuda"), ("TensorrtExecutionProvider", "cuda"),
+                            ("CPUExecutionProvider", "cpu")):
+        assert output_devices(Stub(provider)) == {"logits": "cpu", "present_key_0": cache, "present_value_0": cache}

@@ -190,7 +190,8 @@ def test_fixture_quantized_int8_and_int4(fixture_artifact, upstream, tmp_path):
 def test_w8a8_static_qdq_for_tensorrt(synthetic_artifact, synthetic_checkpoint, tmp_path):
     spec = tmp_path / "w8a8.json"
     spec.write_text(json.dumps({"encoder": {"precision": "w8a8"}, "adapter": {"precision": "w8a8", "activations": "minmax"},
-                                "decoder": {"precision": "int4", "block": 32}, "calibration_samples": 3}))
+                                "decoder": {"precision": "int4", "block": 32, "embedding": "fp16"},
+                                "calibration_samples": 3}))
     out = quantize_artifact(synthetic_artifact, tmp_path / "w8a8", load_recipe(str(spec)),
                             verify=lambda d: verify_artifact(d, synthetic_checkpoint, steps=16), log=lambda m: None).path
     manifest = json.loads((out / "manifest.json").read_text())
