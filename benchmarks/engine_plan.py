@@ -23,7 +23,9 @@ RECIPE = "int4-trt"
 def plan_for(name: str) -> dict:
     cfg = preset(name)
     dims = dims_of(cfg)
-    decoder_io = [{"name": t.name, "dtype": t.dtype} for t in graph_spec("decoder", dims).inputs]
+    cache = PRESETS[RECIPE]().graphs["decoder"].kv_cache
+    decoder_io = [{"name": t.name, "dtype": "float16" if t.name.startswith("past_") and cache == "fp16" else t.dtype}
+                  for t in graph_spec("decoder", dims).inputs]
     manifest = {"model": asdict(dims), "config": cfg.to_hf_dict(), "graphs": {"decoder": {"inputs": decoder_io}}}
     return asdict(plan(manifest, graph_bytes(cfg, PRESETS[RECIPE]()), jetson_limits(dims)))
 

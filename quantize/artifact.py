@@ -22,7 +22,7 @@ from moss_edge.export.config import load_config, parse_config
 from moss_edge.export.ort_decoder import write_ort_decoder
 from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
 from moss_edge.quantize.dynamic_int8 import quantize_dynamic_int8
-from moss_edge.quantize.graph import WeightRule, quantize_weights, weight_sensitivity
+from moss_edge.quantize.graph import WeightRule, half_precision_cache, quantize_weights, weight_sensitivity
 from moss_edge.quantize.kernels import cpu_kernels
 from moss_edge.quantize.plan import GraphPlan, higher_precision_weights, plan_graph
 from moss_edge.quantize.preflight import check_fits
@@ -106,6 +106,8 @@ def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration
         written.weights = quantize_weights(p.model, p.read, dst, rules,
                                            calibration.decoder_stats if p.name == "decoder" else None,
                                            calibration.activation_scales.get(p.name))
+    if p.name == "decoder" and p.recipe.kv_cache == "fp16":
+        half_precision_cache(dst)
     written.proto = onnx.load(str(dst), load_external_data=False)
     if p.name == "decoder":
         written.ort_variant = write_ort_decoder(tmp, written.proto, src.dims, parse_config(src.manifest["config"]).language,

@@ -243,6 +243,31 @@ def quantize_weights(model: onnx.ModelProto, read: Callable[[TensorProto], np.nd
     return done
 
 
+def half_precision_cache(path: Path) -> None:
+    """The portable decoder with its KV cache in fp16 at the graph's edges (past inputs cast up,
+    present outputs cast down; the weights' file is untouched): half the cache memory on a GPU,
+    where past and present both live. Cached values round once, when they are made."""
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    casts = {"past_": [], "present_": []}
+    for value in [*g.input, *g.output]:
+        prefix = next((p for p in casts if value.name.startswith(p)), None)
+        if prefix is None:
+            continue
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+        inner = f"{value.name}_fp32"
+        for node in g.node:  # the graph computes in fp32 under the new name
+            node.input[:] = [inner if i == value.name else i for i in node.input]
+            node.output[:] = [inner if o == value.name else o for o in node.output]
+        ends = [value.name, inner] if prefix == "past_" else [inner, value.name]
+        casts[prefix].append(helper.make_node("Cast", ends[:1], ends[1:], name=f"{value.name}_cast",
+                                              to=TensorProto.FLOAT if prefix == "past_" else TensorProto.FLOAT16))
+    nodes = casts["past_"] + list(g.node) + casts["present_"]
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(model, str(path))
+
+
 def weight_sensitivity(model: onnx.ModelProto, read: Callable[[TensorProto], np.ndarray], plan: dict[str, WeightRule],
                        stats: dict[str, dict] | None = None) -> dict[str, float]:
     """Relative output error of each planned MatMul weight under its rule (round to nearest):

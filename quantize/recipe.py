@@ -20,6 +20,7 @@ class GraphRecipe:
     block: int = 128  # input rows per scale (TensorRT takes 64 or 128 for INT4)
     lm_head: str = "int8"  # decoder only
     embedding: str = "int8"  # decoder only
+    kv_cache: str = "fp32"  # decoder only: the portable decoder's cache inputs/outputs (fp16 halves them on a GPU)
     keep: list[str] = field(default_factory=list)  # weight-name fragments kept in fp32
     activations: str = "percentile"  # w8a8 activation ranges: percentile (99.99th) or minmax
 
@@ -41,6 +42,10 @@ class GraphRecipe:
         # INT8 table at all, and takes fp16
         if self.embedding not in EMBEDDING_PRECISIONS:
             raise MossEdgeError(f"{graph}: embedding {self.embedding!r} must be one of {', '.join(EMBEDDING_PRECISIONS)}")
+        if self.kv_cache not in ("fp32", "fp16"):
+            raise MossEdgeError(f"{graph}: kv_cache {self.kv_cache!r} must be fp32 or fp16")
+        if self.kv_cache != "fp32" and graph != "decoder":
+            raise MossEdgeError(f"{graph}: kv_cache is a decoder setting")
         if self.activations not in ("percentile", "minmax"):
             raise MossEdgeError(f"{graph}: activations {self.activations!r} must be percentile or minmax")
         if self.precision == "w8a8" and graph == "decoder":
@@ -82,10 +87,10 @@ PRESETS = {
     # 128 (TensorRT 10 quantizes INT8 only with its activations), the embedding table fp16
     # (TensorRT gathers no quantized table); runs on CUDA and CPU as well
     "int4-trt": lambda: _preset("int4-trt", "int4", "int4", GraphRecipe("int4", method="awq", block=128, lm_head="int4",
-                                                                         embedding="fp16")),
+                                                                         embedding="fp16", kv_cache="fp16")),
     # TensorRT INT8 tensor cores: encoder and adapter with calibrated INT8 activations (static QDQ)
     "w8a8": lambda: _preset("w8a8", "w8a8", "w8a8", GraphRecipe("int4", method="awq", block=128, lm_head="int4",
-                                                                 embedding="fp16")),
+                                                                 embedding="fp16", kv_cache="fp16")),
 }
 
 

@@ -22,6 +22,11 @@ TOKENS_PER_SECOND = SAMPLE_RATE / HOP_LENGTH / 2**3  # 12.5: three stride-2 conv
 
 def load_audio(path: str | Path) -> np.ndarray:
     """Read wav/flac/ogg/mp3 (whatever libsndfile reads), mix to mono, resample to 16 kHz."""
+    return prepare_waveform(*read_audio(path))
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """A file's [n, channels] float32 samples and its sample rate, as recorded."""
     path = Path(path)
     if path.is_dir():
         raise MossEdgeError(f"{path} is a folder; give an audio file (wav, flac, ogg or mp3)")
@@ -35,7 +40,7 @@ def load_audio(path: str | Path) -> np.ndarray:
         raise MossEdgeError(
             f"cannot decode {path} as audio ({err}); give a wav, flac, ogg or mp3 file"
         ) from None
-    return prepare_waveform(samples, rate)
+    return samples, rate
 
 
 MAX_CHANNELS = 64
@@ -112,8 +117,25 @@ _FILTERS = mel_filters()
 _WINDOW = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)  # periodic Hann
 
 
+def log10_mel(windows: np.ndarray) -> np.ndarray:
+    """[n, N_FFT] sample windows -> [128, n] float64 log10 mel power (before the floor)."""
+    spec = np.abs(np.fft.rfft(windows * _WINDOW, axis=-1)) ** 2
+    return np.log10(np.maximum((spec @ _FILTERS).T, 1e-10))
+
+
+def floor_and_scale(mel: np.ndarray, peak: float) -> np.ndarray:
+    """Whisper's normalization: values more than 8 (80 dB) below `peak` raised to it, then scaled."""
+    return ((np.maximum(mel, peak - 8.0) + 4.0) / 4.0).astype(np.float32)
+
+
 def log_mel(waveform: np.ndarray) -> np.ndarray:
     """[n] float waveform at 16 kHz -> [128, n // 160] float32 Whisper log-mel (no 30 s padding)."""
+    mel = log10_mel_frames(waveform)
+    return floor_and_scale(mel, mel.max())
+
+
+def log10_mel_frames(waveform: np.ndarray) -> np.ndarray:
+    """[n] float waveform at 16 kHz -> [128, n // 160] float64 log10 mel power, before the floor."""
     x = np.asarray(waveform, np.float64)
     if x.ndim != 1:
         raise MossEdgeError(f"waveform must be 1-D, got shape {x.shape}")
@@ -129,11 +151,8 @@ def log_mel(waveform: np.ndarray) -> np.ndarray:
     frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP_LENGTH][:n_frames]
     mel = np.empty((N_MELS, n_frames), np.float64)
     for start in range(0, n_frames, 4096):  # bounded memory for long clips
-        spec = np.abs(np.fft.rfft(frames[start : start + 4096] * _WINDOW, axis=-1)) ** 2
-        mel[:, start : start + 4096] = (spec @ _FILTERS).T
-    mel = np.log10(np.maximum(mel, 1e-10))
-    mel = np.maximum(mel, mel.max() - 8.0)
-    return ((mel + 4.0) / 4.0).astype(np.float32)
+        mel[:, start : start + 4096] = log10_mel(frames[start : start + 4096])
+    return mel
 
 
 def clip_token_count(n_samples: int, chunk_frames: int) -> int:

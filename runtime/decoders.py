@@ -64,14 +64,27 @@ class DecoderRunner:
         return outputs[0].numpy()[0]
 
     def prefill(self, prompt_ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
-        self.length = 0
-        self.past = [empty_cache(self.dims, self.cache_dtype)] * (2 * self.dims.num_hidden_layers)
-        ids, audio, deepstack = np.array([prompt_ids], np.int64), audio.astype(self.embed_dtype), deepstack.astype(self.embed_dtype)
-        pieces = prefill_pieces(len(prompt_ids), self.prefill_chunk)
+        self.truncate(0)
+        return self.extend(prompt_ids, audio, deepstack)
+
+    def extend(self, ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
+        """Run `ids` (audio [s, H], DeepStack [K, s, H] rows) after the cached positions, in
+        pieces of at most prefill_chunk; the last position's logits."""
+        ids, audio, deepstack = np.array([ids], np.int64), audio.astype(self.embed_dtype), deepstack.astype(self.embed_dtype)
+        pieces = prefill_pieces(ids.shape[1], self.prefill_chunk)
         for start, end in pieces:
             logits = self._run(ids[:, start:end], audio[None, start:end], deepstack[:, None, start:end], self.past,
                                shrinking_arena() if end == pieces[-1][1] else None)
         return logits
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` cached positions (0: an empty cache)."""
+        if length == 0:
+            self.past = [empty_cache(self.dims, self.cache_dtype)] * (2 * self.dims.num_hidden_layers)
+        elif length < self.length:
+            self.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(p.numpy()[:, :, :length]))
+                         for p in self.past]
+        self.length = min(length, self.length)
 
     def step(self, token: int) -> np.ndarray:
         return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack, self.past)
@@ -122,14 +135,23 @@ class BufferedDecoderRunner:
         return binding.get_outputs()[0].numpy()[0]
 
     def prefill(self, prompt_ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
-        self.length = 0
-        self._reserve(len(prompt_ids))  # once, not per piece
-        ids, audio, deepstack = np.array([prompt_ids], np.int64), audio.astype(np.float32), deepstack.astype(np.float32)
-        pieces = prefill_pieces(len(prompt_ids), self.prefill_chunk)
+        self.truncate(0)
+        return self.extend(prompt_ids, audio, deepstack)
+
+    def extend(self, ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
+        """Run `ids` (audio [s, H], DeepStack [K, s, H] rows) after the cached positions, in
+        pieces of at most prefill_chunk; the last position's logits."""
+        self._reserve(self.length + len(ids))  # once, not per piece
+        ids, audio, deepstack = np.array([ids], np.int64), audio.astype(np.float32), deepstack.astype(np.float32)
+        pieces = prefill_pieces(ids.shape[1], self.prefill_chunk)
         for start, end in pieces:
             logits = self._run(ids[:, start:end], audio[None, start:end], deepstack[:, None, start:end],
                                shrinking_arena() if end == pieces[-1][1] else None)
         return logits
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` cached positions: later ones are overwritten as the cache grows again."""
+        self.length = min(length, self.length)
 
     def step(self, token: int) -> np.ndarray:
         return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack)

@@ -2,12 +2,32 @@
 anything with the Inference interface (runtime/inference.py)."""
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.inference import AudioFeatures, Inference
-from moss_edge.runtime.sampling import SamplingOptions, next_token
+from moss_edge.runtime.sampling import SamplingOptions, next_token, split_thinking
+
+
+@dataclass
+class Result:
+    text: str
+    thinking: str
+    tokens: list[int]
+    prompt_tokens: int
+    timings: dict = field(default_factory=dict)
+    stop_reason: str = ""  # "stop token", "max_new_tokens" or "context limit"
+
+
+def result(text: str, tokens: list[int], prompt_tokens: int, opts: SamplingOptions, asked: SamplingOptions,
+           timings: dict) -> Result:
+    """A generation's Result; opts is `asked` with max_new_tokens cut to the context left."""
+    thinking, answer = split_thinking(text)
+    reason = ("stop token" if len(tokens) < opts.max_new_tokens else
+              "context limit" if opts.max_new_tokens < asked.max_new_tokens else "max_new_tokens")
+    return Result(answer, thinking, tokens, prompt_tokens, timings, reason)
 
 
 def generate_tokens(model: Inference, prompt_ids: list[int], audio: AudioFeatures, opts: SamplingOptions,

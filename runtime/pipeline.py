@@ -7,7 +7,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +17,12 @@ from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.audio import (SAMPLE_RATE, chunk_mels, clip_token_count, load_audio, log_mel,
                                      prepare_waveform)
 from moss_edge.runtime.errors import MossEdgeError
-from moss_edge.runtime.generation import generate_tokens, place_audio, stream_text
+from moss_edge.runtime.generation import Result, generate_tokens, place_audio, result, stream_text
 from moss_edge.runtime.decoders import decoder_runner
 from moss_edge.runtime.graphs import graph_spec, mismatches
 from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids, expand_audio_spans
-from moss_edge.runtime.sampling import SamplingOptions, split_thinking
+from moss_edge.runtime.sampling import SamplingOptions
 from moss_edge.runtime.session import PROVIDERS, ShapeLimits, make_session, shrinking_arena, trt_profiles
 
 AudioInput = str | Path | bytes | tuple[np.ndarray, int] | np.ndarray
@@ -31,15 +31,6 @@ AudioInput = str | Path | bytes | tuple[np.ndarray, int] | np.ndarray
 class ParityWarning(UserWarning):
     """Loading an artifact whose parity check against the PyTorch model failed."""
 
-
-@dataclass
-class Result:
-    text: str
-    thinking: str
-    tokens: list[int]
-    prompt_tokens: int
-    timings: dict = field(default_factory=dict)
-    stop_reason: str = ""  # "stop token", "max_new_tokens" or "context limit"
 
 
 def to_waveform(audio: AudioInput) -> np.ndarray:
@@ -166,19 +157,41 @@ class Pipeline:
         other._lock, other._owner = threading.Lock(), None
         return other
 
+    def open_stream(self, prompt: str | list[int], rate: int = SAMPLE_RATE, exact: bool = False,
+                    deepstack: bool = True):
+        """A live request (runtime/streaming.py): feed() audio as it arrives, then finish().
+        The pipeline serves this stream only until it is finished or closed."""
+        from moss_edge.runtime.streaming import AudioStream
+
+        if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+            raise MossEdgeError(f"rate must be a positive whole number of samples per second, got {rate!r}")
+        self._acquire()
+        try:
+            return AudioStream(self, prompt, int(rate), exact, deepstack)
+        except BaseException:
+            self._release()
+            raise
+
+    def _acquire(self) -> None:
+        if self._owner == threading.get_ident():
+            raise MossEdgeError("this thread has an unfinished stream() or open_stream() on this pipeline: read it to "
+                                "the end, finish it or call .close() on it before starting another request")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+
+    def _release(self) -> None:
+        self._owner = None
+        self._lock.release()
+
     @contextmanager
     def _serving(self):
         """One request at a time. The same thread asking again while its own stream is still
         open would wait on itself forever: that is refused instead."""
-        if self._owner == threading.get_ident():
-            raise MossEdgeError("this thread has an unfinished stream() on this pipeline: read it to the end or "
-                                "call .close() on it before starting another request")
-        with self._lock:
-            self._owner = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._owner = None
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
 
     @classmethod
     def load(cls, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -294,11 +307,7 @@ class Pipeline:
             features = self._encode_waveforms(waveforms)
             timings["encode_s"] = time.perf_counter() - start
             tokens = list(self._tokens(ids, features, opts, timings))
-            text = self._decode(tokens)
-            thinking, answer = split_thinking(text)
-            reason = ("stop token" if len(tokens) < opts.max_new_tokens else
-                      "context limit" if opts.max_new_tokens < asked.max_new_tokens else "max_new_tokens")
-            return Result(answer, thinking, tokens, len(ids), timings, reason)
+            return result(self._decode(tokens), tokens, len(ids), opts, asked, timings)
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens) if self.tokenizer else ""

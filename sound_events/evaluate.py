@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moss_edge.runtime.audio import SAMPLE_RATE
 from moss_edge.runtime.generation import generate_tokens
 from moss_edge.runtime.inference import Inference
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids
@@ -45,6 +46,22 @@ def answerer(model: Inference, tok: TextTokenizer, deepstack: bool = True, time_
         features = model.encode([example.wave])
         prompt = chat_prompt_ids(tok, example.question, features.clip_tokens, ids, SYSTEM)
         return tok.decode(list(generate_tokens(model, prompt, features, opts, deepstack=deepstack)))
+    return answer
+
+
+def streaming_answerer(pipe, tok: TextTokenizer, exact: bool = False, block_seconds: float = 0.25,
+                       max_new_tokens: int = 48):
+    """example -> answer text, greedy, with the clip fed to Pipeline.open_stream in blocks of
+    block_seconds, as a live source would (ONNX Runtime artifacts only)."""
+    opts = SamplingOptions(max_new_tokens=max_new_tokens)
+    block = max(1, int(block_seconds * SAMPLE_RATE))
+
+    def answer(example):
+        prompt = chat_prompt_ids(tok, example.question, [0], pipe.ids, SYSTEM)
+        with pipe.open_stream(prompt, exact=exact) as live:
+            for start in range(0, len(example.wave), block):
+                live.feed(example.wave[start : start + block])
+            return tok.decode(live.finish(opts).tokens)
     return answer
 
 

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from moss_edge.cli import main
 from moss_edge.quantize.artifact import quantize_artifact
 from moss_edge.quantize.recipe import PRESETS
+from moss_edge.runtime.pipeline import Pipeline
 from moss_edge.export.backend_check import check_artifact, check_graph
 from moss_edge.export.backend_rules import RULES, TARGETS
 
@@ -119,12 +120,24 @@ def test_manifest_records_checks_backends_and_engine_plan(recipe_artifacts):
         assert {t: r["passed"] for t, r in m["checks"].items()} == {t: r["passed"] for t, r in fresh.items()}
     assert manifests["int4"]["backends"] == ["cpu"] and "engine_plan" not in manifests["int4"]
     assert manifests["int4-trt"]["backends"] == ["cpu", "cuda", "tensorrt"]
+    past = {i["name"]: i["dtype"] for i in manifests["int4-trt"]["graphs"]["decoder"]["inputs"]}
+    assert past["past_key_0"] == "float16" and past["audio_embeds"] == "float32"  # the fp16 KV cache
     kept = manifests["int4-trt"]["quantization"]["higher_precision"]["decoder"]
     assert [w["precision"] for w in kept.values()] == ["fp16"]  # the embedding table, and nothing else
     plan = manifests["int4-trt"]["engine_plan"]
     on_disk = sum((recipe_artifacts["int4-trt"] / f).stat().st_size
                   for g in ("encoder", "adapter", "decoder") for f in manifests["int4-trt"]["graphs"][g]["files"])
     assert sum(plan["weights"].values()) == on_disk and plan["total"] > on_disk + plan["kv_cache"]
+    d = manifests["int4-trt"]["model"]
+    assert plan["kv_cache"] == 2 * 2 * d["num_hidden_layers"] * d["num_key_value_heads"] * d["head_dim"] * 2 \
+        * plan["limits"]["max_context"]
+
+
+def test_fp16_cache_decoder_runs_with_its_cache_in_fp16(recipe_artifacts, upstream):
+    pipe = Pipeline.load(recipe_artifacts["int4-trt"])
+    assert pipe.decoder_graph == "decoder"  # the synthetic head size keeps the portable decoder on CPU too
+    assert len(pipe.generate(upstream["audio"], "What is said?", max_new_tokens=4).tokens) <= 4
+    assert pipe.decoder.past[0].data_type() == "tensor(float16)" and pipe.decoder.cache_dtype == np.float16
 
 
 def test_engine_plan_for_ten_minutes_of_audio_at_4b_widths():

@@ -12,7 +12,8 @@ import onnx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from moss_edge.cli import _print_summary, main
+from moss_edge.cli import main
+from moss_edge.commands import _print_summary
 from moss_edge.export.verify import THRESHOLDS, Verifier, decode_figures, gate, report_markdown
 from moss_edge.quantize.artifact import quantize_artifact
 from moss_edge.quantize.plan import FLOAT_TYPES
