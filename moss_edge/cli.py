@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from moss_edge.commands import (cmd_bench, cmd_check, cmd_demo, cmd_eval, cmd_export, cmd_info, cmd_quantize, cmd_run,
+from moss_edge.commands import (cmd_bench, cmd_check, cmd_demo, cmd_eval, cmd_eval_many, cmd_export, cmd_info, cmd_quantize, cmd_run,
                                 cmd_serve, cmd_synthetic, cmd_train_tiny, cmd_verify)
 from moss_edge.runtime.errors import MossEdgeError
 
@@ -155,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "repeat for several (default: all)")
     p.add_argument("--json", action="store_true", help="every finding, with its rule and source")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("eval-many", help="answer many clips with several artifacts on Ray (the scale extra)",
+                       epilog="example: moss-edge eval-many moss-int4 moss-int8 --items clips.jsonl -o results --actors 2")
+    p.add_argument("artifacts", nargs="+", help="artifact folders; the first is the reference for agreement")
+    p.add_argument("--items", required=True, help="a folder of clips (with --prompt) or a JSONL list of "
+                   '{"audio": path, "prompt": text, "expected": text}')
+    p.add_argument("--prompt", help="the question for clips without one")
+    p.add_argument("-o", "--output", required=True, help="folder for results.jsonl and summary.json")
+    p.add_argument("--actors", type=int, default=2, help="pipelines per artifact, each with the cores / actors")
+    p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_eval_many)
 
     p = sub.add_parser("serve", help="serve an artifact with Triton Inference Server (PyTriton; the serve extra)",
                        epilog="example: moss-edge serve moss-4b-int4 --instances 2 --http-port 8000")

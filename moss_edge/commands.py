@@ -121,7 +121,7 @@ def cmd_run(args) -> None:
     if args.json:
         print(json.dumps({"text": result.text, "thinking": result.thinking, "tokens": result.tokens,
                           "prompt_tokens": result.prompt_tokens, "stop_reason": result.stop_reason,
-                          "timings": result.timings}, indent=2))
+                          "timings": result.timings, "settings": pipe.settings}, indent=2))
         return
     if pipe.tokenizer is None:  # no text without a tokenizer: the generated ids are the answer
         print(" ".join(str(t) for t in result.tokens))
@@ -332,3 +332,15 @@ def cmd_serve(args) -> None:
     Artifact.load(args.artifact)  # a missing or damaged artifact says so before the server starts
     serve(Path(args.artifact), args.instances, args.threads, args.host, args.http_port, args.grpc_port,
           args.metrics_port, log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def cmd_eval_many(args) -> None:
+    from moss_edge.evaluate_many import evaluate_many, read_items
+    from moss_edge.runtime.artifact import Artifact
+
+    for artifact in args.artifacts:
+        Artifact.load(artifact)  # each one loads, before a cluster is started for it
+    items = read_items(Path(args.items), args.prompt)
+    result = evaluate_many([Path(a) for a in args.artifacts], items, Path(args.output), args.actors, args.address,
+                           args.max_new_tokens, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(result, indent=2))

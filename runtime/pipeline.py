@@ -144,6 +144,18 @@ class Pipeline:
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside generate/stream, to catch re-entry
 
+    @property
+    def settings(self) -> dict:
+        """How this pipeline runs, for logs and reports: each session's providers with their
+        options (TensorRT profiles and engine cache included), threads, shape limits, decoder."""
+        sessions = {"encoder": self.encoder, "adapter": self.adapter}
+        if self.decoder is not None:
+            sessions[self.decoder_graph] = self.decoder.session
+        return {"decoder": self.decoder_graph, "limits": vars(self.limits), "chunks_per_encoder_run": self.chunks_per_run,
+                "sessions": {g: {"providers": s.get_providers(), "provider_options": s.get_provider_options(),
+                                 "intra_op_threads": s.get_session_options().intra_op_num_threads}
+                             for g, s in sessions.items()}}
+
     def using_decoder(self, graph: str) -> "Pipeline":
         """This pipeline with another of the artifact's decoders (verify checks each), sharing the
         encoder and adapter sessions; the decoder it is made from can be dropped first, so that

@@ -49,3 +49,17 @@ def synthetic_artifact(synthetic_checkpoint, tmp_path_factory):
 
     return export_artifact(synthetic_checkpoint, tmp_path_factory.mktemp("art") / "synthetic", verify_steps=8,
                            log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def packaged_artifacts(tmp_path_factory):
+    """The packaged sound-event model exported (fp32) and quantized (INT4 AWQ), unverified."""
+    from moss_edge.demo import TRAINED
+    from moss_edge.export.onnx_export import export_artifact
+    from moss_edge.quantize.artifact import quantize_artifact
+    from moss_edge.quantize.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("packaged")
+    fp32 = export_artifact(TRAINED, root / "fp32", verify_steps=0, log=lambda m: None)
+    return {"fp32": fp32,
+            "int4": quantize_artifact(fp32, root / "int4", load_recipe("int4-awq"), verify=False, log=lambda m: None).path}

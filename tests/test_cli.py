@@ -29,6 +29,9 @@ def test_run_info_and_verify(synthetic_artifact, synthetic_checkpoint, tmp_path)
                "--max-new-tokens", "6", "--json", check=True)
     result = json.loads(out.stdout)
     assert len(result["tokens"]) <= 6 and result["timings"]["encode_s"] > 0
+    sessions = result["settings"]["sessions"]  # what ran, recorded: providers, options, threads
+    assert set(sessions) == {"encoder", "adapter", result["settings"]["decoder"]}
+    assert all(s["providers"] == ["CPUExecutionProvider"] and s["intra_op_threads"] >= 1 for s in sessions.values())
     info = moss("info", synthetic_artifact, check=True).stdout
     assert "decoder" in info and "fp32" in info and "parity passed" in info
     report = tmp_path / "parity.json"

@@ -22,15 +22,8 @@ CLIPS = ["speech_en_10s.flac", "speech_zh_4s.flac", "dialogue_zh_12s.flac", "spe
 
 
 @pytest.fixture(scope="module")
-def packaged_int4(tmp_path_factory):
-    from moss_edge.demo import TRAINED
-    from moss_edge.export.onnx_export import export_artifact
-    from moss_edge.quantize.artifact import quantize_artifact
-    from moss_edge.quantize.recipe import load_recipe
-
-    root = tmp_path_factory.mktemp("serve")
-    fp32 = export_artifact(TRAINED, root / "fp32", verify_steps=0, log=lambda m: None)
-    return quantize_artifact(fp32, root / "int4", load_recipe("int4-awq"), verify=False, log=lambda m: None).path
+def packaged_int4(packaged_artifacts):
+    return packaged_artifacts["int4"]
 
 
 @pytest.fixture(scope="module")
