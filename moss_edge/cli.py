@@ -5,7 +5,7 @@ import os
 import sys
 
 from moss_edge.commands import (cmd_bench, cmd_check, cmd_demo, cmd_eval, cmd_eval_many, cmd_export, cmd_info, cmd_quantize, cmd_run,
-                                cmd_serve, cmd_synthetic, cmd_train_tiny, cmd_verify)
+                                cmd_serve, cmd_synthetic, cmd_train_tiny, cmd_triton_repo, cmd_verify)
 from moss_edge.runtime.errors import MossEdgeError
 
 
@@ -167,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_eval_many)
+
+    p = sub.add_parser("triton-repo", help="write an artifact as a Triton model repository (ONNX Runtime backend "
+                       "graphs + a Python-backend model that answers)",
+                       epilog="example: moss-edge triton-repo moss-4b-trt -o models --gpu")
+    p.add_argument("artifact")
+    p.add_argument("-o", "--output", required=True, help="the repository folder to create")
+    p.add_argument("--gpu", action="store_true", help="graph models on the GPU (TensorRT where the artifact's checks "
+                   "passed it); default: CPU")
+    p.add_argument("--instances", type=int, default=1, help="instances of each model")
+    p.set_defaults(func=cmd_triton_repo)
 
     p = sub.add_parser("serve", help="serve an artifact with Triton Inference Server (PyTriton; the serve extra)",
                        epilog="example: moss-edge serve moss-4b-int4 --instances 2 --http-port 8000")

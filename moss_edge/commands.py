@@ -344,3 +344,10 @@ def cmd_eval_many(args) -> None:
     result = evaluate_many([Path(a) for a in args.artifacts], items, Path(args.output), args.actors, args.address,
                            args.max_new_tokens, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(result, indent=2))
+
+
+def cmd_triton_repo(args) -> None:
+    from moss_edge.triton_repo import write_repository
+
+    out = write_repository(Path(args.artifact), Path(args.output), gpu=args.gpu, instances=args.instances)
+    print(f"wrote {out}")

@@ -13,8 +13,9 @@ floored at the running maximum instead. exact=True makes the result the offline 
 finish(), the chunks whose values the final floor would change are encoded again, and the
 cache is rolled back to the first of them (often none: the floor only moves when the loudest
 moment comes later, and only matters where a chunk holds values 80 dB below it).
-Offline and streaming agree exactly for 16 kHz input; other rates are resampled block by block
-(soxr's streaming resampler), which differs from resampling the whole clip in the last bits.
+With 16 kHz input, exact mode is the offline computation done in pieces (prefill logits within
+1e-4, the same tokens); other rates are resampled block by block (soxr's streaming resampler),
+which differs from resampling the whole clip in the last bits.
 """
 
 import time

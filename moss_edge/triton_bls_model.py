@@ -1,0 +1,76 @@
+"""The `moss_audio` model of a repository written by `moss-edge triton-repo` (copied there as
+model.py; it runs inside Triton's Python backend, nowhere else): audio + prompt -> text, the
+three graphs called as BLS requests."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from moss_edge.runtime.audio import clip_token_count
+from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.generation import generate_tokens, result
+from moss_edge.runtime.graph_pipeline import GraphPipeline
+from moss_edge.runtime.graphs import Dims, graph_spec
+from moss_edge.runtime.pipeline import to_waveform
+from moss_edge.runtime.prompt import TextTokenizer, TokenIds, chat_prompt_ids, expand_audio_spans
+from moss_edge.serve import request_arguments
+
+MODELS = {"encoder": "moss_encoder", "adapter": "moss_adapter", "decoder": "moss_decoder"}
+INPUTS = ("audio", "samples", "sample_rate", "prompt", "prompt_ids", "options")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        root = Path(args["model_repository"]) / args["model_version"]
+        manifest = json.loads((root / "manifest.json").read_text())
+        self.dims = Dims.from_manifest(manifest["model"])
+        self.ids = TokenIds(**manifest["token_ids"])
+        self.tokenizer = TextTokenizer.from_dir(root) if manifest.get("tokenizer_files") else None
+        cache = next(i["dtype"] for i in manifest["graphs"]["decoder"]["inputs"] if i["name"] == "past_key_0")
+        self.outputs = {g: [t.name for t in graph_spec(g, self.dims).outputs] for g in MODELS}
+        self.model = GraphPipeline(self._call, self.dims, self.ids, np.float16 if cache == "float16" else np.float32)
+
+    def _call(self, graph: str, feeds: dict) -> dict:
+        request = pb_utils.InferenceRequest(model_name=MODELS[graph], requested_output_names=self.outputs[graph],
+                                            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value))
+                                                    for name, value in feeds.items()])
+        response = request.exec()
+        if response.has_error():
+            raise MossEdgeError(f"{MODELS[graph]}: {response.error().message()}")
+        return {t.name(): t.as_numpy() for t in response.output_tensors()}
+
+    def _answer(self, request) -> list:
+        given = {name: t.as_numpy() for name in INPUTS if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None}
+        audio, prompt, opts = request_arguments(given)
+        waveform = to_waveform(audio)
+        clip_tokens = [clip_token_count(len(waveform), self.dims.chunk_frames)]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise MossEdgeError("this artifact has no tokenizer; send prompt_ids")
+            ids = chat_prompt_ids(self.tokenizer, prompt, clip_tokens, self.ids)
+        else:
+            ids = expand_audio_spans(prompt, clip_tokens, self.ids)
+        room = self.dims.max_positions - len(ids)
+        if room < 1:
+            raise MossEdgeError(f"the prompt is {len(ids)} positions; the model takes {self.dims.max_positions}: "
+                                "shorten the audio or the question")
+        asked, opts = opts, replace(opts, max_new_tokens=min(room, opts.max_new_tokens))
+        tokens = list(generate_tokens(self.model, ids, self.model.encode([waveform]), opts))
+        r = result(self.tokenizer.decode(tokens) if self.tokenizer else "", tokens, len(ids), opts, asked, {})
+        return [pb_utils.Tensor("text", np.array([r.text.encode()], np.object_)),
+                pb_utils.Tensor("thinking", np.array([r.thinking.encode()], np.object_)),
+                pb_utils.Tensor("generated_tokens", np.array([len(tokens)], np.int64)),
+                pb_utils.Tensor("prompt_tokens", np.array([len(ids)], np.int64)),
+                pb_utils.Tensor("stop_reason", np.array([r.stop_reason.encode()], np.object_))]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._answer(request)))
+            except MossEdgeError as err:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err))))
+        return responses

@@ -1,0 +1,54 @@
+"""The model driven through calls to its three graphs (encoder, adapter, portable decoder) run
+elsewhere: in a Triton model repository, the Python-backend model calls them as BLS requests
+(moss_edge/triton_repo.py). One Inference (runtime/inference.py) over `run(graph, feeds) ->
+outputs`; the KV cache goes out and comes back with every call, as the portable decoder's
+past and present.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+
+from moss_edge.runtime.audio import chunk_mels, log_mel
+from moss_edge.runtime.generation import place_audio
+from moss_edge.runtime.graphs import Dims, cache_names, decoder_feeds, empty_cache
+from moss_edge.runtime.inference import AudioFeatures
+from moss_edge.runtime.prompt import TokenIds
+
+
+class GraphPipeline:
+    def __init__(self, run: Callable[[str, dict], dict], dims: Dims, ids: TokenIds, cache_dtype=np.float32):
+        self.run, self.dims, self.ids, self.cache_dtype = run, dims, ids, cache_dtype
+        self.past: list = []
+        self.length = 0
+
+    def encode(self, waveforms: list[np.ndarray]) -> AudioFeatures:
+        """One encoder call per chunk (as the CPU pipeline runs them), then the adapter."""
+        batch = chunk_mels([log_mel(w) for w in waveforms], self.dims.chunk_frames)
+        tokens, taps = [], []
+        for i, n in enumerate(batch.tokens):
+            out = self.run("encoder", {"mel": batch.mel[i : i + 1], "frames": batch.frames[i : i + 1]})
+            tokens.append(out["audio_tokens"][0, :n])
+            taps.append(out["taps"][:, 0, :n])
+        tokens, taps = np.concatenate(tokens), np.concatenate(taps, axis=1)
+        out = self.run("adapter", {"audio_tokens": tokens, "taps": taps})
+        return AudioFeatures(tokens, taps, out["audio_embeds"], out["deepstack_embeds"], batch.clip_tokens)
+
+    def _decode(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
+        out = self.run("decoder", decoder_feeds(self.dims, ids, self.length, audio, deepstack, self.past))
+        self.past = [out[name] for name in cache_names(self.dims, "present")]
+        self.length += ids.shape[1]
+        return out["logits"][0]
+
+    def prefill(self, prompt_ids: list[int], audio: AudioFeatures, deepstack: bool = True) -> np.ndarray:
+        self.length = 0
+        self.past = [empty_cache(self.dims, self.cache_dtype)] * (2 * self.dims.num_hidden_layers)
+        embeds = place_audio(prompt_ids, self.ids.audio_token, audio.embeds).astype(np.float32)
+        injected = place_audio(prompt_ids, self.ids.audio_token, audio.deepstack).astype(np.float32)
+        return self._decode(np.array([prompt_ids], np.int64), embeds[None],
+                            (injected if deepstack else np.zeros_like(injected))[:, None])
+
+    def step(self, token: int) -> np.ndarray:
+        h, k = self.dims.hidden_size, self.dims.num_deepstack
+        return self._decode(np.array([[token]], np.int64), np.zeros((1, 1, h), np.float32),
+                            np.zeros((k, 1, 1, h), np.float32))
