@@ -247,11 +247,14 @@ def cmd_bench(args) -> None:
     chart = bench_chart(result, Path(args.output).with_suffix(".png"))
     table = result.get("extrapolated") or {b: r[depths[0]] for b, r in result["runs"].items()}
     where = "extrapolated to full depth" if "extrapolated" in result else f"at {depths[0]} layers"
-    print(f"{'backend':<12} {'encoder s':>10} {'prefill ms':>11} {'decode ms/tok':>14}  parity   ({where})")
+    print(f"{'backend':<12} {'encoder s':>10} {'prefill ms':>11} {'decode ms/tok':>14} {'streamed wait s':>16}  parity"
+          f"   ({where})")
     for backend, r in table.items():
         checks = result["parity"].get(backend, {}).values()
         parity = "n/a" if not checks else "FAILED" if any(p.get("passed") is False for p in checks) else "passed"
-        print(f"{backend:<12} {r['encoder_s']:>10.2f} {r['prefill_ms']:>11.0f} {r['decode_ms_per_token']:>14.1f}  {parity}")
+        wait = r.get("streamed_end_of_audio_to_first_token_s")
+        print(f"{backend:<12} {r['encoder_s']:>10.2f} {r['prefill_ms']:>11.0f} {r['decode_ms_per_token']:>14.1f} "
+              f"{'-' if wait is None else f'{wait:.2f}':>16}  {parity}")
     print(f"wrote {args.output} and {chart}")
 
 

@@ -143,3 +143,16 @@ def test_cli_feeds_a_file_as_a_live_source(synthetic_artifact, capsys):
     assert "end of audio -> first token" in captured.err and live["timings"]["end_of_audio_to_first_token_s"] > 0
     assert main(["run", str(synthetic_artifact), "--audio", bundled_audio(), "--prompt", "x", "--exact"]) == 2
     assert "options of --stream-input" in capsys.readouterr().err
+
+
+def test_bench_reports_the_streamed_wait(tmp_path):
+    from moss_edge.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--depths", "1,2", "--workdir", str(tmp_path / "w"), "-o", str(out),
+                 "--audio-seconds", "9", "--decode-tokens", "2", "--recipes", "int4"]) == 0
+    result = json.loads(out.read_text())
+    for backend, by_depth in result["runs"].items():
+        waits = [r.get("streamed_end_of_audio_to_first_token_s") for r in by_depth.values()]
+        assert all(w is None for w in waits) if backend.startswith("torch") else all(w > 0 for w in waits), backend
+    assert result["extrapolated"]["ort-int4"]["streamed_end_of_audio_to_first_token_s"] > 0
