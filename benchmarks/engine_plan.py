@@ -13,7 +13,7 @@ from pathlib import Path
 from moss_edge.export.config import dims_of
 from moss_edge.export.engine_plan import GIB, DEVICES, SYSTEM_RESERVE, jetson_limits, plan
 from moss_edge.export.synthetic import preset
-from moss_edge.quantize.preflight import graph_bytes
+from moss_edge.quantize.preflight import graph_bytes, meta_model
 from moss_edge.quantize.recipe import PRESETS
 from moss_edge.runtime.graphs import graph_spec
 
@@ -27,7 +27,7 @@ def plan_for(name: str) -> dict:
     decoder_io = [{"name": t.name, "dtype": "float16" if t.name.startswith("past_") and cache == "fp16" else t.dtype}
                   for t in graph_spec("decoder", dims).inputs]
     manifest = {"model": asdict(dims), "config": cfg.to_hf_dict(), "graphs": {"decoder": {"inputs": decoder_io}}}
-    return asdict(plan(manifest, graph_bytes(cfg, PRESETS[RECIPE]()), jetson_limits(dims)))
+    return asdict(plan(manifest, graph_bytes(meta_model(cfg), PRESETS[RECIPE]()), jetson_limits(dims)))
 
 
 def chart(plans: dict, path: Path) -> None:

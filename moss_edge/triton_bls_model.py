@@ -15,7 +15,7 @@ from moss_edge.runtime.generation import generate_tokens, result
 from moss_edge.runtime.graph_pipeline import GraphPipeline
 from moss_edge.runtime.graphs import Dims, graph_spec
 from moss_edge.runtime.pipeline import to_waveform
-from moss_edge.runtime.prompt import TextTokenizer, TokenIds, chat_prompt_ids, expand_audio_spans
+from moss_edge.runtime.prompt import TextTokenizer, TokenIds, prompt_ids
 from moss_edge.serve import request_arguments
 
 MODELS = {"encoder": "moss_encoder", "adapter": "moss_adapter", "decoder": "moss_decoder"}
@@ -47,12 +47,7 @@ class TritonPythonModel:
         audio, prompt, opts = request_arguments(given)
         waveform = to_waveform(audio)
         clip_tokens = [clip_token_count(len(waveform), self.dims.chunk_frames)]
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise MossEdgeError("this artifact has no tokenizer; send prompt_ids")
-            ids = chat_prompt_ids(self.tokenizer, prompt, clip_tokens, self.ids)
-        else:
-            ids = expand_audio_spans(prompt, clip_tokens, self.ids)
+        ids = prompt_ids(prompt, clip_tokens, self.tokenizer, self.ids, self.dims.vocab_size)
         room = self.dims.max_positions - len(ids)
         if room < 1:
             raise MossEdgeError(f"the prompt is {len(ids)} positions; the model takes {self.dims.max_positions}: "

@@ -32,10 +32,14 @@ def _bytes(parameters: int, recipe: GraphRecipe, precision: str | None = None) -
     return int(parameters * (BYTES_PER_PARAMETER[precision] + scales))
 
 
-def graph_bytes(cfg, recipe: Recipe) -> dict[str, int]:
-    """Each graph's bytes on disk under the recipe, from the config alone (a meta-device model)."""
+def meta_model(cfg) -> MossAudio:
+    """The model's structure and sizes, no memory behind them."""
     with torch.device("meta"):
-        model = MossAudio(cfg)
+        return MossAudio(cfg)
+
+
+def graph_bytes(model: MossAudio, recipe: Recipe) -> dict[str, int]:
+    """Each graph's bytes on disk under the recipe, from a (meta) model's parameter counts."""
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     lm, decoder = model.language_model, recipe.graphs["decoder"]
     return {"encoder": _bytes(count(model.audio_encoder), recipe.graphs["encoder"]),
@@ -45,9 +49,9 @@ def graph_bytes(cfg, recipe: Recipe) -> dict[str, int]:
 
 
 def estimate(cfg, recipe: Recipe) -> Estimate:
-    artifact = sum(graph_bytes(cfg, recipe).values())
-    with torch.device("meta"):
-        largest = 4 * max(p.numel() for p in MossAudio(cfg).parameters())
+    model = meta_model(cfg)
+    artifact = sum(graph_bytes(model, recipe).values())
+    largest = 4 * max(p.numel() for p in model.parameters())
     reference = reference_bytes(cfg, piecewise=True)
     # a weight being quantized takes about three times its fp32 size; the parity check one
     # decoder session, the encoder's and adapter's, and the reference's largest piece

@@ -30,27 +30,52 @@ def prefill_pieces(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
 
 
-class DecoderRunner:
+class _Runner:
+    """What both runners share: the prompt run in pieces after the cached positions, and one
+    token per step. Each runner has _run(ids, audio, deepstack, options) and truncate(length)."""
+
+    def __init__(self, session, dims: Dims, prefill_chunk: int, embed_dtype):
+        self.session = session
+        self.dims = dims
+        self.prefill_chunk = prefill_chunk
+        self.embed_dtype = embed_dtype
+        self.length = 0
+        self.step_audio = np.zeros((1, 1, dims.hidden_size), embed_dtype)
+        self.step_deepstack = np.zeros((dims.num_deepstack, 1, 1, dims.hidden_size), embed_dtype)
+
+    def prefill(self, prompt_ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
+        self.truncate(0)
+        return self.extend(prompt_ids, audio, deepstack)
+
+    def extend(self, ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
+        """Run `ids` (audio [s, H], DeepStack [K, s, H] rows) after the cached positions, in
+        pieces of at most prefill_chunk; the last position's logits."""
+        ids, audio, deepstack = np.array([ids], np.int64), audio.astype(self.embed_dtype), deepstack.astype(self.embed_dtype)
+        pieces = prefill_pieces(ids.shape[1], self.prefill_chunk)
+        for start, end in pieces:
+            logits = self._run(ids[:, start:end], audio[None, start:end], deepstack[:, None, start:end],
+                               shrinking_arena() if end == pieces[-1][1] else None)
+        return logits
+
+    def step(self, token: int) -> np.ndarray:
+        return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack)
+
+
+class DecoderRunner(_Runner):
     """Runs decoder.onnx with its KV cache kept as ONNX Runtime values between steps
     (IO binding), so the cache never round-trips through numpy."""
 
     def __init__(self, session, dims: Dims, prefill_chunk: int = ShapeLimits.max_prompt):
-        self.session = session
-        self.dims = dims
-        self.prefill_chunk = prefill_chunk
-        self.devices = output_devices(session)
         types = {i.name: i.type for i in session.get_inputs()}
+        super().__init__(session, dims, prefill_chunk, np.float16 if "float16" in types["audio_embeds"] else np.float32)
         self.cache_dtype = np.float16 if "float16" in types[cache_names(dims, "past")[0]] else np.float32
-        self.embed_dtype = np.float16 if "float16" in types["audio_embeds"] else np.float32
+        self.devices = output_devices(session)
         self.past = None
-        self.length = 0
-        self.step_audio = np.zeros((1, 1, dims.hidden_size), self.embed_dtype)
-        self.step_deepstack = np.zeros((dims.num_deepstack, 1, 1, dims.hidden_size), self.embed_dtype)
 
-    def _run(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray, past: list,
+    def _run(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray,
              options: ort.RunOptions | None = None) -> np.ndarray:
         binding = self.session.io_binding()
-        for name, value in decoder_feeds(self.dims, ids, self.length, audio, deepstack, past).items():
+        for name, value in decoder_feeds(self.dims, ids, self.length, audio, deepstack, self.past).items():
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             else:
@@ -63,20 +88,6 @@ class DecoderRunner:
         self.length += ids.shape[1]
         return outputs[0].numpy()[0]
 
-    def prefill(self, prompt_ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
-        self.truncate(0)
-        return self.extend(prompt_ids, audio, deepstack)
-
-    def extend(self, ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
-        """Run `ids` (audio [s, H], DeepStack [K, s, H] rows) after the cached positions, in
-        pieces of at most prefill_chunk; the last position's logits."""
-        ids, audio, deepstack = np.array([ids], np.int64), audio.astype(self.embed_dtype), deepstack.astype(self.embed_dtype)
-        pieces = prefill_pieces(ids.shape[1], self.prefill_chunk)
-        for start, end in pieces:
-            logits = self._run(ids[:, start:end], audio[None, start:end], deepstack[:, None, start:end], self.past,
-                               shrinking_arena() if end == pieces[-1][1] else None)
-        return logits
-
     def truncate(self, length: int) -> None:
         """Keep the first `length` cached positions (0: an empty cache)."""
         if length == 0:
@@ -86,11 +97,8 @@ class DecoderRunner:
                          for p in self.past]
         self.length = min(length, self.length)
 
-    def step(self, token: int) -> np.ndarray:
-        return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack, self.past)
 
-
-class BufferedDecoderRunner:
+class BufferedDecoderRunner(_Runner):
     """Runs decoder_ort.onnx: each layer's KV cache is one buffer, bound as both past and present,
     that GroupQueryAttention writes in place: nothing is copied per step. The buffers hold the
     prompt and HEADROOM more positions, and double (up to the model's limit) when full."""
@@ -98,13 +106,8 @@ class BufferedDecoderRunner:
     HEADROOM = 256
 
     def __init__(self, session, dims: Dims, prefill_chunk: int = ShapeLimits.max_prompt):
-        self.session = session
-        self.dims = dims
-        self.prefill_chunk = prefill_chunk
+        super().__init__(session, dims, prefill_chunk, np.float32)
         self.buffers: list[ort.OrtValue] = []
-        self.length = 0
-        self.step_audio = np.zeros((1, 1, dims.hidden_size), np.float32)
-        self.step_deepstack = np.zeros((dims.num_deepstack, 1, 1, dims.hidden_size), np.float32)
 
     def _reserve(self, needed: int) -> None:
         capacity = self.buffers[0].shape()[2] if self.buffers else 0
@@ -134,27 +137,13 @@ class BufferedDecoderRunner:
         self.length += ids.shape[1]
         return binding.get_outputs()[0].numpy()[0]
 
-    def prefill(self, prompt_ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
-        self.truncate(0)
-        return self.extend(prompt_ids, audio, deepstack)
-
     def extend(self, ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
-        """Run `ids` (audio [s, H], DeepStack [K, s, H] rows) after the cached positions, in
-        pieces of at most prefill_chunk; the last position's logits."""
-        self._reserve(self.length + len(ids))  # once, not per piece
-        ids, audio, deepstack = np.array([ids], np.int64), audio.astype(np.float32), deepstack.astype(np.float32)
-        pieces = prefill_pieces(ids.shape[1], self.prefill_chunk)
-        for start, end in pieces:
-            logits = self._run(ids[:, start:end], audio[None, start:end], deepstack[:, None, start:end],
-                               shrinking_arena() if end == pieces[-1][1] else None)
-        return logits
+        self._reserve(self.length + len(ids))  # once for the whole prompt, not piece by piece
+        return super().extend(ids, audio, deepstack)
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` cached positions: later ones are overwritten as the cache grows again."""
         self.length = min(length, self.length)
-
-    def step(self, token: int) -> np.ndarray:
-        return self._run(np.array([[token]], np.int64), self.step_audio, self.step_deepstack)
 
 
 def decoder_runner(graph: str, session, dims: Dims, prefill_chunk: int = ShapeLimits.max_prompt):

@@ -11,8 +11,9 @@ import numpy as np
 
 from moss_edge.runtime.audio import chunk_mels, log_mel
 from moss_edge.runtime.generation import place_audio
-from moss_edge.runtime.graphs import Dims, cache_names, decoder_feeds, empty_cache
+from moss_edge.runtime.graphs import Dims, cache_names, decoder_feeds, empty_cache, graph_spec
 from moss_edge.runtime.inference import AudioFeatures
+from moss_edge.runtime.pipeline import encode_chunks
 from moss_edge.runtime.prompt import TokenIds
 
 
@@ -25,14 +26,12 @@ class GraphPipeline:
     def encode(self, waveforms: list[np.ndarray]) -> AudioFeatures:
         """One encoder call per chunk (as the CPU pipeline runs them), then the adapter."""
         batch = chunk_mels([log_mel(w) for w in waveforms], self.dims.chunk_frames)
-        tokens, taps = [], []
-        for i, n in enumerate(batch.tokens):
-            out = self.run("encoder", {"mel": batch.mel[i : i + 1], "frames": batch.frames[i : i + 1]})
-            tokens.append(out["audio_tokens"][0, :n])
-            taps.append(out["taps"][:, 0, :n])
-        tokens, taps = np.concatenate(tokens), np.concatenate(taps, axis=1)
-        out = self.run("adapter", {"audio_tokens": tokens, "taps": taps})
-        return AudioFeatures(tokens, taps, out["audio_embeds"], out["deepstack_embeds"], batch.clip_tokens)
+        return encode_chunks(batch, lambda feeds, last: self._outputs("encoder", feeds),
+                             lambda feeds: self._outputs("adapter", feeds), per_run=1)
+
+    def _outputs(self, graph: str, feeds: dict) -> list[np.ndarray]:
+        out = self.run(graph, feeds)
+        return [out[t.name] for t in graph_spec(graph, self.dims).outputs]
 
     def _decode(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
         out = self.run("decoder", decoder_feeds(self.dims, ids, self.length, audio, deepstack, self.past))

@@ -14,14 +14,14 @@ import numpy as np
 import soundfile as sf
 
 from moss_edge.runtime.artifact import Artifact
-from moss_edge.runtime.audio import (SAMPLE_RATE, chunk_mels, clip_token_count, load_audio, log_mel,
+from moss_edge.runtime.audio import (SAMPLE_RATE, EncoderBatch, chunk_mels, clip_token_count, load_audio, log_mel,
                                      prepare_waveform)
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import Result, generate_tokens, place_audio, result, stream_text
 from moss_edge.runtime.decoders import decoder_runner
 from moss_edge.runtime.graphs import graph_spec, mismatches
 from moss_edge.runtime.inference import AudioFeatures
-from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids, expand_audio_spans
+from moss_edge.runtime.prompt import TextTokenizer, prompt_ids
 from moss_edge.runtime.sampling import SamplingOptions
 from moss_edge.runtime.session import PROVIDERS, ShapeLimits, make_session, shrinking_arena, trt_profiles
 
@@ -60,6 +60,21 @@ def check_graph_io(artifact: Artifact, name: str, session) -> None:
     if problems:
         raise MossEdgeError(f"{artifact.graph_path(name)} is not the {name} graph its manifest describes "
                             f"({'; '.join(problems[:4])}); export the artifact again")
+
+
+def encode_chunks(batch: EncoderBatch, encoder, adapter, per_run: int) -> AudioFeatures:
+    """The encoder over the batch's chunks, per_run at a time, then the adapter over their valid
+    tokens. encoder(feeds, last_run) and adapter(feeds) return their graph's outputs in order."""
+    tokens, taps = [], []
+    for start in range(0, len(batch.frames), per_run):
+        t, p = encoder({"mel": batch.mel[start : start + per_run], "frames": batch.frames[start : start + per_run]},
+                       start + per_run >= len(batch.frames))
+        valid = np.arange(t.shape[1])[None, :] < batch.tokens[start : start + per_run, None]
+        tokens.append(t[valid])
+        taps.append(p[:, valid])
+    tokens, taps = np.concatenate(tokens), np.concatenate(taps, axis=1)
+    embeds, deepstack = adapter({"audio_tokens": tokens, "taps": taps})
+    return AudioFeatures(tokens, taps, embeds, deepstack, batch.clip_tokens)
 
 
 def installed_tensorrt() -> tuple[int, int] | None:
@@ -219,39 +234,15 @@ class Pipeline:
         return self._encode_waveforms([to_waveform(c) for c in clips])
 
     def _encode_waveforms(self, waveforms: list[np.ndarray]) -> AudioFeatures:
-        batch = chunk_mels([log_mel(w) for w in waveforms], self.dims.chunk_frames)
-        tokens, taps = [], []
-        step = self.chunks_per_run
-        for start in range(0, len(batch.frames), step):
-            last = start + step >= len(batch.frames)  # the arena serves the next chunk, then is returned
-            t, p = self.encoder.run(None, {"mel": batch.mel[start : start + step], "frames": batch.frames[start : start + step]},
-                                    shrinking_arena() if last else None)
-            valid = np.arange(t.shape[1])[None, :] < batch.tokens[start : start + step, None]
-            tokens.append(t[valid])
-            taps.append(p[:, valid])
-        tokens, taps = np.concatenate(tokens), np.concatenate(taps, axis=1)
-        embeds, deepstack = self.adapter.run(None, {"audio_tokens": tokens, "taps": taps}, shrinking_arena())
-        return AudioFeatures(tokens, taps, embeds, deepstack, batch.clip_tokens)
+        return self._encode_batch(chunk_mels([log_mel(w) for w in waveforms], self.dims.chunk_frames))
+
+    def _encode_batch(self, batch: EncoderBatch) -> AudioFeatures:
+        # the arena serves the next chunk, then is returned after the last one and the adapter
+        return encode_chunks(batch, lambda feeds, last: self.encoder.run(None, feeds, shrinking_arena() if last else None),
+                             lambda feeds: self.adapter.run(None, feeds, shrinking_arena()), self.chunks_per_run)
 
     def prompt_ids(self, prompt: str | list[int], clip_tokens: list[int]) -> list[int]:
-        """Text goes through the chat template; a list of ids marks each clip with
-        audio_bos, audio_eos and is expanded as is (custom templates, exact tests)."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise MossEdgeError("this artifact has no tokenizer; give the prompt as token ids")
-            return chat_prompt_ids(self.tokenizer, prompt, clip_tokens, self.ids)
-        if not isinstance(prompt, (list, tuple, np.ndarray)):
-            raise MossEdgeError(f"a prompt is text or a list of token ids, not {type(prompt).__name__}")
-        vocab = self.dims.vocab_size
-        for i, t in enumerate(prompt):
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise MossEdgeError(f"prompt id {i} is {t!r}, not an integer")
-            if not 0 <= t < vocab:
-                raise MossEdgeError(f"prompt id {i} is {t}, outside the vocabulary (0 to {vocab - 1})")
-            if t == self.ids.audio_token:
-                raise MossEdgeError(f"prompt id {i} is the audio token ({t}), which the runtime places itself: mark "
-                                    f"each clip with audio_start ({self.ids.audio_start}), audio_end ({self.ids.audio_end})")
-        return expand_audio_spans([int(t) for t in prompt], clip_tokens, self.ids)
+        return prompt_ids(prompt, clip_tokens, self.tokenizer, self.ids, self.dims.vocab_size)
 
     def _request(self, audio: AudioInput | list[AudioInput], prompt: str | list[int]) -> tuple[list[np.ndarray], list[int]]:
         """Waveforms and prompt ids, with the prompt's length checked before any encoding."""

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tokenizers import AddedToken
 
@@ -164,3 +165,24 @@ def chat_prompt_ids(tokenizer: TextTokenizer, question: str, clip_tokens: list[i
             prompt += tokenizer.encode(piece, control_tokens=False)
     prompt += tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
     return expand_audio_spans(prompt, clip_tokens, ids)
+
+
+def prompt_ids(prompt: str | list[int], clip_tokens: list[int], tokenizer: TextTokenizer | None, ids: TokenIds,
+               vocab_size: int) -> list[int]:
+    """A request's prompt ids. Text goes through the chat template; a list of ids marks each
+    clip with audio_bos, audio_eos and is expanded as is (custom templates, exact tests)."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise MossEdgeError("this artifact has no tokenizer; give the prompt as token ids")
+        return chat_prompt_ids(tokenizer, prompt, clip_tokens, ids)
+    if not isinstance(prompt, (list, tuple, np.ndarray)):
+        raise MossEdgeError(f"a prompt is text or a list of token ids, not {type(prompt).__name__}")
+    for i, t in enumerate(prompt):
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise MossEdgeError(f"prompt id {i} is {t!r}, not an integer")
+        if not 0 <= t < vocab_size:
+            raise MossEdgeError(f"prompt id {i} is {t}, outside the vocabulary (0 to {vocab_size - 1})")
+        if t == ids.audio_token:
+            raise MossEdgeError(f"prompt id {i} is the audio token ({t}), which the runtime places itself: mark "
+                                f"each clip with audio_start ({ids.audio_start}), audio_end ({ids.audio_end})")
+    return expand_audio_spans([int(t) for t in prompt], clip_tokens, ids)

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import soxr
 
-from moss_edge.runtime.audio import (HOP_LENGTH, N_FFT, SAMPLE_RATE, floor_and_scale, log10_mel, log10_mel_frames,
-                                     num_audio_tokens, prepare_waveform)
+from moss_edge.runtime.audio import (HOP_LENGTH, N_FFT, SAMPLE_RATE, EncoderBatch, floor_and_scale, log10_mel,
+                                     log10_mel_frames, num_audio_tokens, prepare_waveform)
 from moss_edge.runtime.errors import MossEdgeError
-from moss_edge.runtime.generation import Result, generate_tokens, result, stream_text
+from moss_edge.runtime.generation import Result, generate_tokens, place_audio, result, stream_text
+from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.prompt import audio_span
 from moss_edge.runtime.sampling import SamplingOptions
 
@@ -100,10 +101,8 @@ class AudioStream:
         self.peak = -np.inf
         self.finished = self.closed = False
         self.reencoded = 0  # chunks exact mode encoded again at finish
-        dims = pipe.dims
-        zeros = np.zeros((len(self.prefix), dims.hidden_size), np.float32)
         pipe.decoder.truncate(0)
-        self.logits = pipe.decoder.extend(self.prefix, zeros, np.zeros((dims.num_deepstack, *zeros.shape), np.float32))
+        self.logits = self._extend(self.prefix, None)
 
     def feed(self, samples: np.ndarray) -> None:
         """Audio as it arrives ([n] or [n, channels] floats at the stream's rate); every chunk
@@ -138,21 +137,22 @@ class AudioStream:
     def _prefill_chunk(self, chunk: _Chunk, before: int, then: list[int]) -> np.ndarray:
         """Encode one chunk (padded as the offline path pads it), prefill its span of the prompt
         (audio tokens and the time markers inside it) and `then`."""
-        pipe, frames = self.pipe, self.pipe.dims.chunk_frames
-        width = frames if len(self.chunks) > 1 else chunk.mel.shape[1]  # offline pads to the longest chunk
+        n = chunk.mel.shape[1]
+        width = self.pipe.dims.chunk_frames if len(self.chunks) > 1 else n  # offline pads to the longest chunk
         mel = np.zeros((1, chunk.mel.shape[0], width), np.float32)
-        mel[0, :, : chunk.mel.shape[1]] = floor_and_scale(chunk.mel, chunk.floor_peak)
-        tokens, taps = pipe.encoder.run(None, {"mel": mel, "frames": np.array([chunk.mel.shape[1]], np.int64)})
-        n = chunk.tokens - before
-        embeds, deepstack = pipe.adapter.run(None, {"audio_tokens": tokens[0, :n], "taps": taps[:, 0, :n]})
-        ids = audio_span(chunk.tokens, pipe.ids)[len(audio_span(before, pipe.ids)):] + then
-        at_audio = np.flatnonzero(np.array(ids) == pipe.ids.audio_token)
-        rows = np.zeros((len(ids), embeds.shape[1]), np.float32)
-        rows[at_audio] = embeds
-        injected = np.zeros((deepstack.shape[0], len(ids), deepstack.shape[2]), np.float32)
-        if self.deepstack:
-            injected[:, at_audio] = deepstack
-        return pipe.decoder.extend(ids, rows, injected)
+        mel[0, :, :n] = floor_and_scale(chunk.mel, chunk.floor_peak)
+        tokens = chunk.tokens - before
+        audio = self.pipe._encode_batch(EncoderBatch(mel, np.array([n], np.int64), np.array([tokens], np.int64), [tokens]))
+        return self._extend(audio_span(chunk.tokens, self.pipe.ids)[len(audio_span(before, self.pipe.ids)):] + then, audio)
+
+    def _extend(self, ids: list[int], audio: AudioFeatures | None) -> np.ndarray:
+        """Prefill ids after the cached positions, audio's rows at their audio positions."""
+        dims, audio_token = self.pipe.dims, self.pipe.ids.audio_token
+        embeds = np.zeros((0, dims.hidden_size), np.float32) if audio is None else audio.embeds
+        deepstack = np.zeros((dims.num_deepstack, 0, dims.hidden_size), np.float32) if audio is None else audio.deepstack
+        injected = place_audio(ids, audio_token, deepstack)
+        return self.pipe.decoder.extend(ids, place_audio(ids, audio_token, embeds),
+                                        injected if self.deepstack else np.zeros_like(injected))
 
     def finish_logits(self) -> tuple[list[int], np.ndarray]:
         """The rest of the audio and the prompt after it: the whole prompt's ids and the logits
@@ -179,9 +179,7 @@ class AudioStream:
             self.chunks.append(chunk)
             self.logits = self._prefill_chunk(chunk, before, self.suffix if i == len(rest) - 1 else [])
         if not rest:
-            zeros = np.zeros((len(self.suffix), self.pipe.dims.hidden_size), np.float32)
-            self.logits = self.pipe.decoder.extend(self.suffix, zeros, np.zeros((self.pipe.dims.num_deepstack,
-                                                                                *zeros.shape), np.float32))
+            self.logits = self._extend(self.suffix, None)
         total = self.chunks[-1].tokens
         return self.prefix + audio_span(total, self.pipe.ids) + self.suffix, self.logits
 
