@@ -1,83 +1,142 @@
-"""Time from the end of the audio to the first token: a 60 s clip fed as a live source
-(Pipeline.open_stream, 0.1 s blocks) against the offline path (encode + prefill after the clip
-ends), alternating rounds in one process, on one artifact at full depth.
+"""Time from the end of the audio to the first token at 4B widths: a 60 s clip fed as a live
+source (Pipeline.open_stream, 0.1 s blocks) against the offline path (encode + prefill after
+the clip ends), alternating rounds in one process, at two depths of the INT4 AWQ artifact and
+extrapolated per layer to the full depth (encoder parts to 32 layers, decoder parts to 36), as
+`moss-edge bench` does. The prompt is bench's: the audio, then 16 text ids (the 419-token bar
+at 30 s). Also timed: the same 16 ids put before the audio, which leaves only audio_eos after it.
 
-    python benchmarks/streaming_input.py ARTIFACT [--rounds 2]   # writes benchmarks/streaming-input.json + .png
+    python benchmarks/streaming_input.py --workdir /big/disk/stream [--depths 2 6] [--rounds 3]
+    # writes benchmarks/streaming-input.json + .png; the work folder holds ~2 GB of checkpoints
 
-Feeding runs as fast as the chunks are processed; the per-chunk work is timed too, since a live
-source needs it below the chunk's 4 s of audio (real-time factor < 1).
+The per-chunk work while the audio arrives is timed too: a live source needs it below the
+chunk's 4 s of audio (real-time factor < 1).
 """
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from moss_edge import bundled_audio
+from moss_edge.bench import BenchSettings, bench_prompt, streamed_wait
+from moss_edge.export.synthetic import preset
 from moss_edge.runtime.audio import SAMPLE_RATE, load_audio
 from moss_edge.runtime.pipeline import Pipeline
 
 CLIP_SECONDS = 60
-QUESTION = "What is said, and when?"
+CLI = [sys.executable, "-m", "moss_edge.cli"]
+SYSTEMS = ("offline", "streamed", "streamed, text first")
 
 
 def sixty_seconds() -> np.ndarray:
     """The bundled recordings, one after another, to 60 s."""
     names = ["speech_ko_18s.flac", "dialogue_zh_12s.flac", "speech_en_10s.flac", "speech_zh_4s.flac"]
-    waves = [load_audio(bundled_audio(n)) for n in names]
-    clip = np.concatenate(waves * 2)[: CLIP_SECONDS * SAMPLE_RATE]
+    clip = np.concatenate([load_audio(bundled_audio(n)) for n in names] * 2)[: CLIP_SECONDS * SAMPLE_RATE]
     assert len(clip) == CLIP_SECONDS * SAMPLE_RATE
     return clip
 
 
-def offline(pipe: Pipeline, clip: np.ndarray) -> dict:
-    r = pipe.generate(clip, QUESTION, max_new_tokens=1)
-    return {"end_of_audio_to_first_token_s": r.timings["encode_s"] + r.timings["prefill_s"], "prompt_tokens": r.prompt_tokens}
+def artifact_at(depth: int, workdir: Path) -> Path:
+    """The synthetic 4B checkpoint at `depth` encoder and decoder layers, exported to INT4 AWQ."""
+    checkpoint, artifact = workdir / f"ckpt-4b-{depth}l", workdir / f"4b-{depth}l-int4-awq"
+    if not checkpoint.exists():
+        subprocess.run([*CLI, "synthetic", "-o", str(checkpoint), "--preset", "4b", "--encoder-layers", str(depth),
+                        "--decoder-layers", str(depth)], check=True, capture_output=True)
+    if not artifact.exists():
+        subprocess.run([*CLI, "export", str(checkpoint), "-o", str(artifact), "--recipe", "int4-awq", "--no-verify",
+                        "--cache-dir", str(workdir / "cache")], check=True, capture_output=True)
+    return artifact
 
 
-def streamed(pipe: Pipeline, clip: np.ndarray) -> dict:
-    block = SAMPLE_RATE // 10
-    chunk_work = []
-    with pipe.open_stream(QUESTION) as live:
+def offline(pipe: Pipeline, clip: np.ndarray, prompt: list[int]) -> dict:
+    t = pipe.generate(clip, prompt, max_new_tokens=1).timings
+    return {"streamed_end_of_audio_to_first_token_s": t["encode_s"] + t["prefill_s"], "streamed_encode_s": t["encode_s"],
+            "streamed_prefill_s": t["prefill_s"]}
+
+
+def chunk_work(pipe: Pipeline, clip: np.ndarray, prompt: list[int]) -> dict:
+    """Median encoder and decoder seconds per 4 s chunk while the clip arrives."""
+    block, work = SAMPLE_RATE // 10, []
+    with pipe.open_stream(prompt) as live:
         for start in range(0, len(clip), block):
-            chunks = len(live.chunks)
-            t = time.perf_counter()
+            before, spent = len(live.chunks), dict(live.spent)
             live.feed(clip[start : start + block])
-            if len(live.chunks) > chunks:
-                chunk_work.append(time.perf_counter() - t)
-        r = live.finish(max_new_tokens=1)
-    chunk_seconds = pipe.dims.chunk_frames / 100
-    return {"end_of_audio_to_first_token_s": r.timings["end_of_audio_to_first_token_s"], "prompt_tokens": r.prompt_tokens,
-            "chunk_work_s": float(np.median(chunk_work)), "chunk_real_time_factor": float(max(chunk_work) / chunk_seconds)}
+            if len(live.chunks) > before:
+                work.append({k: live.spent[k] - spent[k] for k in spent})
+    return {f"chunk_{k}": float(np.median([w[k] for w in work])) for k in ("encode_s", "prefill_s")}
+
+
+def measure(artifact: Path, rounds: int, threads: int) -> dict:
+    pipe = Pipeline.load(artifact, threads=threads, check_hashes=False)
+    clip, after = sixty_seconds(), bench_prompt(pipe.ids, BenchSettings())
+    first = after[2:] + after[:2]  # the text ids, then the audio span
+    runs = {"offline": lambda: offline(pipe, clip, after), "streamed": lambda: streamed_wait(pipe, clip, after),
+            "streamed, text first": lambda: streamed_wait(pipe, clip, first)}
+    best = {}
+    for r in range(rounds):  # alternating: the machine's noise falls on all of them
+        for name in (SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]):
+            t = runs[name]()
+            if name not in best or t["streamed_end_of_audio_to_first_token_s"] < best[name]["streamed_end_of_audio_to_first_token_s"]:
+                best[name] = t
+    best["chunk_work"] = chunk_work(pipe, clip, after)
+    return best
+
+
+def extrapolate(low: tuple[int, dict], high: tuple[int, dict], encoder_layers: int, decoder_layers: int) -> dict:
+    """Each encoder part to the encoder's depth and each decoder part to the decoder's, the rest fixed."""
+    (l1, r1), (l2, r2) = low, high
+
+    def at(value1: float, value2: float, full: int) -> float:
+        return value1 + (value2 - value1) * (full - l1) / (l2 - l1)
+
+    out = {}
+    for name in SYSTEMS:
+        a, b = r1[name], r2[name]
+        encode, prefill = at(a["streamed_encode_s"], b["streamed_encode_s"], encoder_layers), \
+            at(a["streamed_prefill_s"], b["streamed_prefill_s"], decoder_layers)
+        rest = a["streamed_end_of_audio_to_first_token_s"] - a["streamed_encode_s"] - a["streamed_prefill_s"]
+        out[name] = {"end_of_audio_to_first_token_s": encode + prefill + rest, "encode_s": encode, "prefill_s": prefill}
+    a, b = r1["chunk_work"], r2["chunk_work"]
+    work = at(a["chunk_encode_s"], b["chunk_encode_s"], encoder_layers) + at(a["chunk_prefill_s"], b["chunk_prefill_s"],
+                                                                            decoder_layers)
+    out["chunk_work_s"], out["chunk_real_time_factor"] = work, work / 4.0
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifact", type=Path)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--depths", type=int, nargs=2, default=[2, 6])
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "streaming-input.json")
     args = parser.parse_args()
-    pipe = Pipeline.load(args.artifact, threads=args.threads, check_hashes=False)
-    clip = sixty_seconds()
-    rounds = {"offline": [], "streamed": []}
-    for _ in range(args.rounds):  # alternating: the machine's noise falls on both
-        rounds["offline"].append(offline(pipe, clip))
-        rounds["streamed"].append(streamed(pipe, clip))
-    best = {k: min(v, key=lambda r: r["end_of_audio_to_first_token_s"]) for k, v in rounds.items()}
-    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0].split()
-    manifest = json.loads((args.artifact / "manifest.json").read_text())
-    result = {"artifact": str(args.artifact), "model": manifest["model"],
-              "precisions": {g: e["precision"] for g, e in manifest["graphs"].items()},
-              "cpu": " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "asimd") if f in flags),
-              "threads": args.threads, "clip_seconds": CLIP_SECONDS, "rounds": rounds, "best": best,
-              "streamed_over_offline": best["streamed"]["end_of_audio_to_first_token_s"]
-              / best["offline"]["end_of_audio_to_first_token_s"]}
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    artifacts = {d: artifact_at(d, args.workdir) for d in sorted(args.depths)}
+    by_depth = {}
+    for depth, artifact in artifacts.items():
+        print(f"timing {artifact.name}", flush=True)
+        by_depth[depth] = measure(artifact, args.rounds, args.threads)
+    full = preset("4b")
+    depths = sorted(by_depth)
+    result = {"model": "MOSS-Audio-4B widths (synthetic), INT4 AWQ", "clip_seconds": CLIP_SECONDS,
+              "cpu": cpu_flags(), "threads": args.threads, "rounds": args.rounds, "measured": by_depth,
+              "full_depth": {"encoder_layers": full.audio.encoder_layers, "decoder_layers": full.language.num_hidden_layers},
+              "extrapolated": extrapolate((depths[0], by_depth[depths[0]]), (depths[1], by_depth[depths[1]]),
+                                          full.audio.encoder_layers, full.language.num_hidden_layers),
+              "date": time.strftime("%Y-%m-%d")}
     args.out.write_text(json.dumps(result, indent=2))
     chart(result, args.out.with_suffix(".png"))
-    print(json.dumps(best, indent=2))
+    print(json.dumps(result["extrapolated"], indent=2))
+
+
+def cpu_flags() -> str:
+    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0].split()
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "asimd", "asimddp") if f in flags)
 
 
 def chart(result: dict, path: Path) -> None:
@@ -86,16 +145,24 @@ def chart(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = ["offline", "streamed"]
-    values = [result["best"][n]["end_of_audio_to_first_token_s"] for n in names]
-    ax.bar(names, values, color=["#999999", "#3b7dd8"])
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:.2f} s", ha="center", va="bottom")
-    m = result["model"]
-    ax.set_ylabel("end of audio -> first token (s)")
-    ax.set_title(f"{result['clip_seconds']} s clip, {m['num_hidden_layers']} decoder layers x {m['hidden_size']}, "
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    full = result["extrapolated"]
+    limit = 3.0  # seconds shown: the offline bar runs off the chart, its figure is written beside it
+    encode = [min(full[n]["encode_s"], limit) for n in SYSTEMS]
+    prefill = [min(full[n]["prefill_s"], limit - e) for n, e in zip(SYSTEMS, encode)]
+    ax.barh(SYSTEMS, encode, color="#7aa6e0", label="encoder + adapter")
+    ax.barh(SYSTEMS, prefill, left=encode, color="#3b5d99", label="decoder prefill")
+    for i, n in enumerate(SYSTEMS):
+        v = full[n]["end_of_audio_to_first_token_s"]
+        ax.text(min(v, limit), i, f" {v:.2f} s" + (" (off the chart)" if v > limit else ""), va="center", fontsize=8)
+    ax.axvline(1.5, color="#c0392b", linestyle="--", label="target 1.5 s")
+    ax.set_xlim(0, limit * 1.3)
+    ax.set_xlabel("end of audio -> first token (s)")
+    d = result["full_depth"]
+    ax.set_title(f"{result['clip_seconds']} s clip, 4B widths at {d['encoder_layers']}+{d['decoder_layers']} layers "
+                 f"(extrapolated from {' and '.join(map(str, result['measured']))}), INT4 AWQ\n"
                  f"{result['threads']} threads [{result['cpu']}]", fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

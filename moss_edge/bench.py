@@ -67,14 +67,17 @@ def _measure(encode, prefill, step, n_chunks: int, settings: BenchSettings) -> d
             "encoder_real_time_factor": encoder_s / settings.audio_seconds, "first_answer_after_load_s": cold_s}
 
 
-def streamed_wait(pipe, wave: np.ndarray, settings: BenchSettings) -> float:
+def streamed_wait(pipe, wave: np.ndarray, prompt: list[int]) -> dict:
     """Seconds from the end of the audio to the first token when the clip arrives in 0.1 s blocks
-    and each chunk is encoded and prefilled as it completes."""
+    and each chunk is encoded and prefilled as it completes; and the encoder's and the decoder's
+    part of them."""
     block = SAMPLE_RATE // 10
-    with pipe.open_stream(bench_prompt(pipe.ids, settings)) as live:
+    with pipe.open_stream(prompt) as live:
         for start in range(0, len(wave), block):
             live.feed(wave[start : start + block])
-        return live.finish(max_new_tokens=1).timings["end_of_audio_to_first_token_s"]
+        t = live.finish(max_new_tokens=1).timings
+    return {"streamed_end_of_audio_to_first_token_s": t["end_of_audio_to_first_token_s"],
+            "streamed_encode_s": t["end_of_audio_encode_s"], "streamed_prefill_s": t["end_of_audio_prefill_s"]}
 
 
 def worker(backend: str, path: str, settings: BenchSettings) -> dict:
@@ -107,7 +110,8 @@ def worker(backend: str, path: str, settings: BenchSettings) -> dict:
     n_chunks = len(chunk_mels([log_mel(wave)], model.dims.chunk_frames).frames)
     result = _measure(lambda: model.encode([wave]), prefill, model.step, n_chunks, settings)
     if not backend.startswith("torch"):  # the same clip fed as a live source (Pipeline.open_stream)
-        result["streamed_end_of_audio_to_first_token_s"] = min(streamed_wait(model, wave, settings) for _ in range(2))
+        result.update(min((streamed_wait(model, wave, bench_prompt(model.ids, settings)) for _ in range(2)),
+                          key=lambda r: r["streamed_end_of_audio_to_first_token_s"]))
     result["prompt_tokens"], result["load_s"] = len(state["ids"]), load_s
     result["peak_rss_mib"] = peak_rss_mib()
     return result
@@ -175,15 +179,19 @@ def extrapolate(by_depth: dict[int, dict], full_encoder: int, full_decoder: int)
     """Linear in depth: value(L) = fixed + L * per_layer, from two depths."""
     (l1, r1), (l2, r2) = sorted(by_depth.items())[:2]
     out = {}
-    # the streamed wait is one encoder chunk and a short prefill: taken to the decoder's depth, the larger
     for key, full in (("encoder_ms_per_chunk", full_encoder), ("encoder_s", full_encoder), ("prefill_ms", full_decoder),
-                      ("decode_ms_per_token", full_decoder), ("streamed_end_of_audio_to_first_token_s", full_decoder)):
+                      ("decode_ms_per_token", full_decoder), ("streamed_encode_s", full_encoder),
+                      ("streamed_prefill_s", full_decoder)):
         if key not in r1:
             continue
         per_layer = (r2[key] - r1[key]) / (l2 - l1)
         out[key] = r1[key] + (full - l1) * per_layer
         out[f"{key}_per_layer"] = per_layer
     out["time_to_first_token_s"] = out["encoder_s"] + out["prefill_ms"] / 1000
+    if "streamed_encode_s" in out:  # the wait's encoder and decoder parts, each to its own depth
+        out["streamed_end_of_audio_to_first_token_s"] = (r1["streamed_end_of_audio_to_first_token_s"]
+                                                         + out["streamed_encode_s"] - r1["streamed_encode_s"]
+                                                         + out["streamed_prefill_s"] - r1["streamed_prefill_s"])
     out["decode_tokens_per_s"] = 1000 / out["decode_ms_per_token"]
     return out
 

@@ -47,14 +47,16 @@ class _Runner:
         self.truncate(0)
         return self.extend(prompt_ids, audio, deepstack)
 
-    def extend(self, ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
+    def extend(self, ids: list[int], audio: np.ndarray, deepstack: np.ndarray, last: bool = True) -> np.ndarray:
         """Run `ids` (audio [s, H], DeepStack [K, s, H] rows) after the cached positions, in
-        pieces of at most prefill_chunk; the last position's logits."""
+        pieces of at most prefill_chunk; the last position's logits. last=False keeps ONNX
+        Runtime's arena for a run that follows soon (a stream's next chunk): a cold arena costs
+        that run its page faults again."""
         ids, audio, deepstack = np.array([ids], np.int64), audio.astype(self.embed_dtype), deepstack.astype(self.embed_dtype)
         pieces = prefill_pieces(ids.shape[1], self.prefill_chunk)
         for start, end in pieces:
             logits = self._run(ids[:, start:end], audio[None, start:end], deepstack[:, None, start:end],
-                               shrinking_arena() if end == pieces[-1][1] else None)
+                               shrinking_arena() if last and end == pieces[-1][1] else None)
         return logits
 
     def step(self, token: int) -> np.ndarray:
@@ -137,9 +139,9 @@ class BufferedDecoderRunner(_Runner):
         self.length += ids.shape[1]
         return binding.get_outputs()[0].numpy()[0]
 
-    def extend(self, ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
+    def extend(self, ids: list[int], audio: np.ndarray, deepstack: np.ndarray, last: bool = True) -> np.ndarray:
         self._reserve(self.length + len(ids))  # once for the whole prompt, not piece by piece
-        return super().extend(ids, audio, deepstack)
+        return super().extend(ids, audio, deepstack, last)
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` cached positions: later ones are overwritten as the cache grows again."""

@@ -236,10 +236,12 @@ class Pipeline:
     def _encode_waveforms(self, waveforms: list[np.ndarray]) -> AudioFeatures:
         return self._encode_batch(chunk_mels([log_mel(w) for w in waveforms], self.dims.chunk_frames))
 
-    def _encode_batch(self, batch: EncoderBatch) -> AudioFeatures:
+    def _encode_batch(self, batch: EncoderBatch, last: bool = True) -> AudioFeatures:
         # the arena serves the next chunk, then is returned after the last one and the adapter
-        return encode_chunks(batch, lambda feeds, last: self.encoder.run(None, feeds, shrinking_arena() if last else None),
-                             lambda feeds: self.adapter.run(None, feeds, shrinking_arena()), self.chunks_per_run)
+        # (last=False: kept for a stream's next chunk)
+        release = shrinking_arena if last else lambda: None
+        return encode_chunks(batch, lambda feeds, final: self.encoder.run(None, feeds, release() if final else None),
+                             lambda feeds: self.adapter.run(None, feeds, release()), self.chunks_per_run)
 
     def prompt_ids(self, prompt: str | list[int], clip_tokens: list[int]) -> list[int]:
         return prompt_ids(prompt, clip_tokens, self.tokenizer, self.ids, self.dims.vocab_size)

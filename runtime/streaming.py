@@ -101,8 +101,9 @@ class AudioStream:
         self.peak = -np.inf
         self.finished = self.closed = False
         self.reencoded = 0  # chunks exact mode encoded again at finish
+        self.spent = {"encode_s": 0.0, "prefill_s": 0.0}  # since the stream opened; from finish, at finish
         pipe.decoder.truncate(0)
-        self.logits = self._extend(self.prefix, None)
+        self.logits = self._extend(self.prefix, None, last=False)
 
     def feed(self, samples: np.ndarray) -> None:
         """Audio as it arrives ([n] or [n, channels] floats at the stream's rate); every chunk
@@ -132,27 +133,36 @@ class AudioStream:
         self._check_room(before + num_audio_tokens(mel.shape[1]))
         chunk = _Chunk(mel, self.peak, self.pipe.decoder.length, before + num_audio_tokens(mel.shape[1]))
         self.chunks.append(chunk)
-        self.logits = self._prefill_chunk(chunk, before, [])
+        self.logits = self._prefill_chunk(chunk, before, [], last=False)
 
-    def _prefill_chunk(self, chunk: _Chunk, before: int, then: list[int]) -> np.ndarray:
+    def _prefill_chunk(self, chunk: _Chunk, before: int, then: list[int], last: bool) -> np.ndarray:
         """Encode one chunk (padded as the offline path pads it), prefill its span of the prompt
-        (audio tokens and the time markers inside it) and `then`."""
+        (audio tokens and the time markers inside it) and `then`. ONNX Runtime's arenas are kept
+        between chunks (a cold arena cost each chunk ~0.1 s at 4B widths) and returned with the
+        `last` runs, those of finish."""
         n = chunk.mel.shape[1]
         width = self.pipe.dims.chunk_frames if len(self.chunks) > 1 else n  # offline pads to the longest chunk
         mel = np.zeros((1, chunk.mel.shape[0], width), np.float32)
         mel[0, :, :n] = floor_and_scale(chunk.mel, chunk.floor_peak)
         tokens = chunk.tokens - before
-        audio = self.pipe._encode_batch(EncoderBatch(mel, np.array([n], np.int64), np.array([tokens], np.int64), [tokens]))
-        return self._extend(audio_span(chunk.tokens, self.pipe.ids)[len(audio_span(before, self.pipe.ids)):] + then, audio)
+        start = time.perf_counter()
+        audio = self.pipe._encode_batch(EncoderBatch(mel, np.array([n], np.int64), np.array([tokens], np.int64), [tokens]),
+                                        last)
+        self.spent["encode_s"] += time.perf_counter() - start
+        return self._extend(audio_span(chunk.tokens, self.pipe.ids)[len(audio_span(before, self.pipe.ids)):] + then, audio,
+                            last)
 
-    def _extend(self, ids: list[int], audio: AudioFeatures | None) -> np.ndarray:
+    def _extend(self, ids: list[int], audio: AudioFeatures | None, last: bool) -> np.ndarray:
         """Prefill ids after the cached positions, audio's rows at their audio positions."""
         dims, audio_token = self.pipe.dims, self.pipe.ids.audio_token
         embeds = np.zeros((0, dims.hidden_size), np.float32) if audio is None else audio.embeds
         deepstack = np.zeros((dims.num_deepstack, 0, dims.hidden_size), np.float32) if audio is None else audio.deepstack
         injected = place_audio(ids, audio_token, deepstack)
-        return self.pipe.decoder.extend(ids, place_audio(ids, audio_token, embeds),
-                                        injected if self.deepstack else np.zeros_like(injected))
+        start = time.perf_counter()
+        logits = self.pipe.decoder.extend(ids, place_audio(ids, audio_token, embeds),
+                                          injected if self.deepstack else np.zeros_like(injected), last)
+        self.spent["prefill_s"] += time.perf_counter() - start
+        return logits
 
     def finish_logits(self) -> tuple[list[int], np.ndarray]:
         """The rest of the audio and the prompt after it: the whole prompt's ids and the logits
@@ -160,6 +170,7 @@ class AudioStream:
         if self.finished:
             raise MossEdgeError("this stream is finished; open another one")
         self.finished = True
+        self.spent = dict.fromkeys(self.spent, 0.0)
         if self._resampler is not None:
             self.samples.append(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True))
         n = self.samples.length
@@ -177,9 +188,10 @@ class AudioStream:
             before = self.chunks[-1].tokens if self.chunks else 0
             chunk = _Chunk(mel, self.peak, self.pipe.decoder.length, before + num_audio_tokens(mel.shape[1]))
             self.chunks.append(chunk)
-            self.logits = self._prefill_chunk(chunk, before, self.suffix if i == len(rest) - 1 else [])
+            final = i == len(rest) - 1
+            self.logits = self._prefill_chunk(chunk, before, self.suffix if final else [], final)
         if not rest:
-            self.logits = self._extend(self.suffix, None)
+            self.logits = self._extend(self.suffix, None, last=True)
         total = self.chunks[-1].tokens
         return self.prefix + audio_span(total, self.pipe.ids) + self.suffix, self.logits
 
@@ -204,7 +216,9 @@ class AudioStream:
                 first = first or time.perf_counter()
                 tokens.append(token)
             first = first or time.perf_counter()
-            timings = {"end_of_audio_to_first_token_s": first - start}
+            # where the wait went: the encoder and adapter, the decoder (the rest: mel, sampling)
+            timings = {"end_of_audio_to_first_token_s": first - start,
+                       **{f"end_of_audio_{k}": v for k, v in self.spent.items()}}
             if len(tokens) > 1:
                 timings["decode_ms_per_token"] = (time.perf_counter() - first) * 1000 / (len(tokens) - 1)
             return result(self.pipe._decode(tokens), tokens, len(ids), opts, asked, timings)
@@ -259,4 +273,4 @@ class AudioStream:
             before = self.chunks[-1].tokens if self.chunks else 0
             chunk.floor_peak, chunk.start = peak, self.pipe.decoder.length
             self.chunks.append(chunk)
-            self.logits = self._prefill_chunk(chunk, before, [])
+            self.logits = self._prefill_chunk(chunk, before, [], last=False)

@@ -155,4 +155,7 @@ def test_bench_reports_the_streamed_wait(tmp_path):
     for backend, by_depth in result["runs"].items():
         waits = [r.get("streamed_end_of_audio_to_first_token_s") for r in by_depth.values()]
         assert all(w is None for w in waits) if backend.startswith("torch") else all(w > 0 for w in waits), backend
+    for r in result["runs"]["ort-int4"].values():  # the encoder's and the decoder's part of the wait
+        assert 0 < r["streamed_encode_s"] and 0 < r["streamed_prefill_s"]
+        assert r["streamed_encode_s"] + r["streamed_prefill_s"] <= r["streamed_end_of_audio_to_first_token_s"]
     assert result["extrapolated"]["ort-int4"]["streamed_end_of_audio_to_first_token_s"] > 0
