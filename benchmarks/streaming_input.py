@@ -5,7 +5,7 @@ extrapolated per layer to the full depth (encoder parts to 32 layers, decoder pa
 `moss-edge bench` does. The prompt is bench's: the audio, then 16 text ids (the 419-token bar
 at 30 s). Also timed: the same 16 ids put before the audio, which leaves only audio_eos after it.
 
-    python benchmarks/streaming_input.py --workdir /big/disk/stream [--depths 2 6] [--rounds 3]
+    python benchmarks/streaming_input.py --workdir /big/disk/stream [--depths 4 8] [--rounds 3]
     # writes benchmarks/streaming-input.json + .png; the work folder holds ~2 GB of checkpoints
 
 The per-chunk work while the audio arrives is timed too: a live source needs it below the
@@ -110,7 +110,7 @@ def extrapolate(low: tuple[int, dict], high: tuple[int, dict], encoder_layers: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--depths", type=int, nargs=2, default=[2, 6])
+    parser.add_argument("--depths", type=int, nargs=2, default=[4, 8])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "streaming-input.json")

@@ -46,7 +46,10 @@ def preset(name: str, encoder_layers: int | None = None, decoder_layers: int | N
     else:
         raise MossEdgeError(f"unknown preset {name!r}; choose tiny, 4b or 8b")
     if encoder_layers is not None:
-        taps = [i for i in cfg.audio.deepstack_encoder_layer_indexes if i < encoder_layers] or [encoder_layers - 1]
+        # the taps keep their relative depth (8, 16, 24 of 32 -> 1, 2, 3 of 4): a shallow model has
+        # the full one's DeepStack mergers wherever its depth allows, so their cost is timed
+        full = cfg.audio.encoder_layers
+        taps = sorted({i * encoder_layers // full for i in cfg.audio.deepstack_encoder_layer_indexes})
         cfg.audio = replace(cfg.audio, encoder_layers=encoder_layers, deepstack_encoder_layer_indexes=taps)
     if decoder_layers is not None:
         cfg.language = replace(cfg.language, num_hidden_layers=decoder_layers)

@@ -113,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="time the PyTorch reference and artifacts at real widths",
-                       epilog="example: moss-edge bench --preset 4b --depths 2,4 -o bench.json")
+                       epilog="example: moss-edge bench --preset 4b --depths 4,8 -o bench.json")
     p.add_argument("--preset", choices=["tiny", "4b", "8b"], default="4b")
-    p.add_argument("--depths", default="2,4", help="layer counts to measure; two give a per-layer extrapolation")
+    p.add_argument("--depths", default="4,8", help="layer counts to measure; two give a per-layer extrapolation "
+                   "(from 3 encoder layers on, a shallow model has all three DeepStack mergers)")
     p.add_argument("--workdir", default="bench-work", help="checkpoints and artifacts are kept here between runs")
     p.add_argument("--audio-seconds", type=float, default=30.0)
     p.add_argument("--decode-tokens", type=int, default=32)

@@ -150,9 +150,10 @@ def _live_source(pipe, args, opts):
                 time.sleep(max(0.0, start + i / rate - time.perf_counter()))
             live.feed(samples[i : i + block])
         result = live.finish(opts)
-    wait = result.timings["end_of_audio_to_first_token_s"]
-    print(f"end of audio -> first token: {wait:.3f} s ({len(samples) / rate:.1f} s of audio"
-          f"{', fed in real time' if args.realtime else ''}{', exact' if args.exact else ''})", file=sys.stderr)
+    t = result.timings
+    print(f"end of audio -> first token: {t['end_of_audio_to_first_token_s']:.3f} s (encoder "
+          f"{t['end_of_audio_encode_s']:.3f} s, decoder {t['end_of_audio_prefill_s']:.3f} s; {len(samples) / rate:.1f} s "
+          f"of audio{', fed in real time' if args.realtime else ''}{', exact' if args.exact else ''})", file=sys.stderr)
     return result
 
 

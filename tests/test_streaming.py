@@ -91,16 +91,21 @@ def test_other_rates_are_resampled_as_they_arrive(pipe):
     assert cosine > 0.999
 
 
-def test_generation_after_a_stream_matches_generate(pipe):
+@pytest.mark.parametrize("text_first", [False, True])  # the question after the audio, or before it
+def test_generation_after_a_stream_matches_generate(pipe, text_first):
     wave = _speech_like(6.5, loud_from=2.0)
-    offline = pipe.generate(wave, _prompt(pipe), max_new_tokens=8)
-    with pipe.open_stream(_prompt(pipe), exact=True) as live:
+    text = pipe.ids.digits[:3]
+    prompt = text + _prompt(pipe) if text_first else _prompt(pipe) + text
+    offline = pipe.generate(wave, prompt, max_new_tokens=8)
+    with pipe.open_stream(prompt, exact=True) as live:
         for start in range(0, len(wave), 3200):
             live.feed(wave[start : start + 3200])
         streamed = live.finish(max_new_tokens=8)
     assert streamed.tokens == offline.tokens and streamed.prompt_tokens == offline.prompt_tokens
-    assert streamed.timings["end_of_audio_to_first_token_s"] > 0
-    assert pipe.generate(wave, _prompt(pipe), max_new_tokens=2).tokens == offline.tokens[:2]  # released
+    t = streamed.timings  # the wait, and the encoder's and the decoder's part of it
+    assert 0 < t["end_of_audio_encode_s"] and 0 < t["end_of_audio_prefill_s"]
+    assert t["end_of_audio_encode_s"] + t["end_of_audio_prefill_s"] < t["end_of_audio_to_first_token_s"]
+    assert pipe.generate(wave, prompt, max_new_tokens=2).tokens == offline.tokens[:2]  # released
 
 
 def test_stream_misuse_is_refused_and_the_pipeline_released(pipe):
