@@ -6,6 +6,7 @@ encoder layers. Dynamic INT8 (MatMulInteger) has no convolution. Written as im2c
 shifted, strided views of the padded input side by side, channels last) times the weight
 reshaped to [9 * C_in, C_out], the same convolution is a MatMul that becomes INT8 like the rest:
 measured on conv2 alone (8 chunks), 0.51 s against 0.90 s for the fp32 Conv, cosine 0.99978.
+dynamic_int8.py then builds the views from the quantized input (im2col_pads finds them).
 """
 
 from collections.abc import Callable
@@ -62,6 +63,21 @@ def _im2col_nodes(node: onnx.NodeProto, w: np.ndarray) -> tuple[list[onnx.NodePr
         out = n("biased")
     nodes.append(helper.make_node("Transpose", [out], list(node.output), perm=[0, 3, 1, 2]))
     return nodes, inits
+
+
+def im2col_pads(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """{columns tensor: the Pad its nine views are sliced from} for each im2col in the graph."""
+    made_by = {out: node for node in model.graph.node for out in node.output}
+    found = {}
+    for node in model.graph.node:
+        views = [made_by.get(i) for i in node.input]
+        if node.op_type != "Concat" or len(views) != 9 or any(v is None or v.op_type != "Slice" for v in views):
+            continue
+        sliced = {v.input[0] for v in views}
+        pad = made_by.get(sliced.pop()) if len(sliced) == 1 else None
+        if pad is not None and pad.op_type == "Pad":
+            found[node.output[0]] = pad
+    return found
 
 
 def convolutions_as_matmuls(model: onnx.ModelProto, read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array) -> int:

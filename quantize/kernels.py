@@ -28,6 +28,7 @@ def cpu_kernels(graph: Path) -> dict:
     weight_dq = sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
     float_weights = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2}
     float_matmuls = sum(1 for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in float_weights)
-    return {"MatMulNBits": ops.get("MatMulNBits", 0), "MatMulInteger": ops.get("MatMulInteger", 0)
-            + ops.get("DynamicQuantizeMatMul", 0), "GatherBlockQuantized": ops.get("GatherBlockQuantized", 0),
+    integer = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")  # MatMulInteger as fused, or not
+    return {"MatMulNBits": ops.get("MatMulNBits", 0), "MatMulInteger": sum(ops.get(op, 0) for op in integer),
+            "GatherBlockQuantized": ops.get("GatherBlockQuantized", 0),
             "dequantized_weights": weight_dq, "fp32_weight_matmuls": float_matmuls}
