@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from moss_edge.bench import decoder_times, fastest_alternating, fit_depths
+from moss_edge.bench import cpu_flags, decoder_times, fastest_alternating, fit_depths
 from moss_edge.plots import full_depth_chart
 from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.decoders import decoder_runner
@@ -82,14 +82,6 @@ def main() -> None:
     title = f"{result['precision']} decoders, {result['threads']} threads"
     full_depth_chart(result["decoders"], args.full_depth, result["prompt_tokens"], title, out.with_suffix(".png"))
     print(json.dumps({d: {k: v for k, v in r.items() if k != "measured"} for d, r in result["decoders"].items()}, indent=1))
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return ""
-    return " ".join(f for f in flags.split() if f.startswith(("avx", "amx", "fma", "sve", "asimd")) or f == "neon")
 
 
 if __name__ == "__main__":

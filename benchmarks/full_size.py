@@ -20,7 +20,7 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-from moss_edge.bench import BenchSettings, directory_mib, fit_depths
+from moss_edge.bench import BenchSettings, cpu_flags, directory_mib, fit_depths
 
 # depths fitted for the per-layer extrapolation: with 2 and 4 alone, one noisy figure moved the
 # 4B slope by half (0.99 against 2.2 ms per layer in two runs)
@@ -91,11 +91,6 @@ def decoder_by_depth(artifacts: dict[int, Path], settings: BenchSettings, rounds
 def graph_sizes(artifact: Path) -> dict[str, float]:
     manifest = json.loads((artifact / "manifest.json").read_text())
     return {name: sum((artifact / f).stat().st_size for f in g["files"]) / 2**20 for name, g in manifest["graphs"].items()}
-
-
-def cpu_flags() -> str:
-    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0].split()
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "asimd", "asimddp") if f in flags)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import tritonclient.http as http
 
 from moss_edge import bundled_audio
+from moss_edge.bench import cpu_flags
 from moss_edge.serve import launch
 
 QUESTION = "List the events with their start times."
@@ -57,8 +58,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(60)
-    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0].split()
-    cpu = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "asimd") if f in flags)
+    cpu = cpu_flags()
     args.out.write_text(json.dumps({"artifact": str(args.artifact), "cpu": cpu, "requests": args.requests,
                                     "results": results}, indent=2))
     chart(results, cpu, args.out.with_suffix(".png"))

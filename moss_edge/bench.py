@@ -154,6 +154,19 @@ def fit_depths(by_depth: dict[int, tuple[float, float]], full_depth: int) -> dic
             f"decode_ms_at_{full_depth}": float(s_fixed + full_depth * s_layer)}
 
 
+def cpu_flags() -> str:
+    """The SIMD features that decide which kernels run (x86 'flags', ARM64 'Features'), for
+    the records every benchmark writes beside its figures."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "asimd", "asimddp", "i8mm", "sve")
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    line = next((x for x in lines if x.startswith(("flags", "Features"))), ":")
+    present = line.split(":", 1)[1].split()
+    return " ".join(f for f in wanted if f in present)
+
+
 def peak_rss_mib() -> float:
     """This process's peak RSS. VmHWM starts afresh at exec, unlike ru_maxrss, which Linux
     carries over from the parent that spawned the worker."""
