@@ -228,7 +228,8 @@ def check_graph(model: onnx.ModelProto, graph: str, target_name: str, base_dir: 
 
 def check_artifact(root: Path, manifest: dict, target_names: list[str] | None = None) -> dict:
     """{target: {"passed", "graphs": {graph: counts per verdict}, "findings": [...]}} for the
-    graphs each target loads (encoder, adapter and the decoder the manifest gives its provider)."""
+    graphs each target loads (encoder, adapter, and the decoder and prompt graph the manifest
+    gives its provider)."""
     unknown = [t for t in target_names or [] if t not in TARGETS]
     if unknown:
         raise MossEdgeError(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
@@ -238,8 +239,9 @@ def check_artifact(root: Path, manifest: dict, target_names: list[str] | None = 
     for name in target_names or list(TARGETS):
         target = TARGETS[name]
         decoder = manifest.get("decoders", {}).get(target.provider, "decoder")
+        prompt = [manifest["prefill"][target.provider]] if target.provider in manifest.get("prefill", {}) else []
         findings, counts = [], {}
-        for graph in ("encoder", "adapter", decoder):
+        for graph in ("encoder", "adapter", decoder, *prompt):
             if graph not in models:
                 models[graph] = onnx.load(str(root / f"{graph}.onnx"), load_external_data=False)
             found = check_graph(models[graph], graph, name, root, dims)

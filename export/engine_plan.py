@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moss_edge.runtime.audio import SAMPLE_RATE, clip_token_count
-from moss_edge.runtime.graphs import ORT_DECODER, Dims
+from moss_edge.runtime.graphs import ORT_DECODER, PREFILL_DECODER, Dims
 from moss_edge.runtime.prompt import MARKER_EVERY_SECONDS
 from moss_edge.runtime.session import TRT_WORKSPACE, ShapeLimits
 
@@ -69,7 +69,7 @@ def plan(manifest: dict, graph_bytes: dict[str, int], limits: ShapeLimits, works
     lang, audio = manifest["config"]["language_config"], manifest["config"]["audio_config"]
     cache_type = next(i["dtype"] for i in manifest["graphs"]["decoder"]["inputs"] if i["name"] == "past_key_0")
     act = DTYPE_BYTES[next(i["dtype"] for i in manifest["graphs"]["decoder"]["inputs"] if i["name"] == "audio_embeds")]
-    weights = {g: b for g, b in graph_bytes.items() if g != ORT_DECODER}
+    weights = {g: b for g, b in graph_bytes.items() if g not in (ORT_DECODER, PREFILL_DECODER)}  # CPU-only graphs
     per_position = 2 * d.num_hidden_layers * d.num_key_value_heads * d.head_dim * DTYPE_BYTES[cache_type]
     kv = 2 * per_position * limits.max_context  # past in, present (past + piece) out
     piece = limits.max_prompt

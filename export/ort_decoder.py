@@ -76,8 +76,14 @@ class _Builder:
         return name
 
 
-def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, audio_token: int) -> onnx.ModelProto:
-    """The contrib-op decoder reading the weights of `portable` (parsed without external data)."""
+def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, audio_token: int,
+                      integer_weights: dict[str, tuple[str, str]] | None = None) -> onnx.ModelProto:
+    """The contrib-op decoder reading the weights of `portable` (parsed without external data).
+
+    integer_weights (layer weight -> its INT8 [K, N] and per-column scale initializers) makes the
+    prompt graph instead (decoder_prefill): the same inputs and outputs, those layer MatMuls on
+    ONNX Runtime's integer GEMM with activations quantized per row at run time, the others (the
+    lm_head, weights a recipe keeps more precise) as in `portable`."""
     rms_eps = lang.rms_norm_eps
     g = portable.graph
     audio_where = next(n for n in g.node if n.op_type == "Where" and "audio_embeds" in n.input)
@@ -88,16 +94,34 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
         "post_attention_layernorm.weight", "mlp.gate_proj.weight_t", "mlp.up_proj.weight_t", "mlp.down_proj.weight_t")]
         for i in range(d.num_hidden_layers)]
     final_norm, lm_head = "model.language_model.norm.weight", "model.lm_head.weight_t"
-    copied = _producers(g, [token_embedding, final_norm, lm_head, *[w for ws in layer_weights for w in ws]])
+    prompt_graph = integer_weights is not None
 
     b = _Builder()
     initializers = {t.name for t in g.initializer}
+    quantized_rows: dict[str, tuple[str, str]] = {}  # activation -> (its uint8 rows, their scales): once per input
 
     def matmul(x: str, w: str) -> str:
         """x @ w; AWQ stores w scaled by s per input channel and divides x by s first."""
+        if prompt_graph and w in integer_weights:
+            return integer_matmul(x, *integer_weights[w])
         if f"{w}_input_scale" in initializers:
             x = b.op("Mul", [x, f"{w}_input_scale"])[0]
         return b.op("MatMul", [x, w])[0]
+
+    def integer_matmul(x: str, wq: str, w_scale: str) -> str:
+        """x @ w as u8 x s8 -> int32, rescaled: each row of x (a position) gets its own scale,
+        so one position with outlying activations does not cost every other one its precision.
+        The rows are symmetric around the zero point 128, within [1, 255]: with 7-bit weights no
+        u8 x s8 pair sum leaves int16, so CPUs without VNNI compute the same integers."""
+        if x not in quantized_rows:
+            peak = b.op("ReduceMax", [b.op("Abs", [x])[0], axis_last], keepdims=1)[0]
+            scale = b.op("Div", [b.op("Max", [peak, tiny])[0], int8_range])[0]
+            rows = b.op("QuantizeLinear", [b.op("Div", [x, scale])[0], unit_scale, centre])[0]
+            quantized_rows[x] = rows, scale
+        rows, scale = quantized_rows[x]
+        # the column scales are applied inside the GEMM's output loop; the row scales after it
+        product = b.op("MatMulIntegerToFloat", [rows, wq, unit_scale, w_scale, centre], domain=MS)[0]
+        return b.op("Mul", [product, scale])[0]
 
     cos, sin = _rope_caches(d, lang.rope_theta)
     b.const("rope_cos", cos)
@@ -106,6 +130,19 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
     axis_last = b.const("axis_last", np.array([-1], np.int64))
     heads_shape = b.const("q_heads_shape", np.array([0, 0, -1, d.head_dim], np.int64))
     flat_shape = b.const("flat_shape", np.array([0, 0, -1], np.int64))
+    last_index = b.const("last_position", np.array(-1, np.int64))
+    last_span = b.const("last_span", np.array([-1], np.int64))
+
+    def last_position(t: str) -> str:
+        """[1, seq, n] -> [1, 1, n]: still 3-D, so that ONNX Runtime does not turn a 2-D MatMul
+        and the residual Add after it into a Gemm, which takes no INT4 weights (MatMulNBits)."""
+        return b.op("Gather", [t, last_span], axis=1)[0]
+
+    if prompt_graph:
+        tiny = b.const("row_scale_floor", np.array(1e-30, np.float32))
+        int8_range = b.const("int8_range", np.array(127, np.float32))
+        unit_scale = b.const("unit_scale", np.array(1, np.float32))
+        centre = b.const("row_zero_point", np.array(128, np.uint8))
     is_audio = b.op("Unsqueeze", [b.op("Equal", ["input_ids", audio_id])[0], axis_last])[0]
     x = b.op("Where", [is_audio, "audio_embeds", token_embedding])[0]
     for i, (w_in, wq, wk, wv, wqn, wkn, wo, w_post, wg, wu, wd) in enumerate(layer_weights):
@@ -126,15 +163,19 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
             [f"attention_{i}", present_k, present_v], name=f"GroupQueryAttention_{i}", domain=MS,
             num_heads=lang.num_attention_heads, kv_num_heads=d.num_key_value_heads, do_rotary=1, rotary_interleaved=0,
             scale=float(d.head_dim) ** -0.5))
-        x = b.op("Add", [x, matmul(f"attention_{i}", wo)])[0]
+        attention, final = f"attention_{i}", i == d.num_hidden_layers - 1
+        if final:  # past the last layer's attention only the last position counts: its logits are the output
+            x, attention = last_position(x), last_position(attention)
+        x = b.op("Add", [x, matmul(attention, wo)])[0]
         h = b.op("SimplifiedLayerNormalization", [x, w_post], axis=-1, epsilon=rms_eps)[0]
         gate = matmul(h, wg)
         silu = b.op("Mul", [gate, b.op("Sigmoid", [gate])[0]])[0]
         x = b.op("Add", [x, matmul(b.op("Mul", [silu, matmul(h, wu)])[0], wd)])[0]
         if i < d.num_deepstack:
             index = b.const(f"deepstack_index_{i}", np.array(i, np.int64))
-            x = b.op("Add", [x, b.op("Gather", ["deepstack_embeds", index], axis=0)[0]])[0]
-    last = b.op("Gather", [x, b.const("last_position", np.array(-1, np.int64))], axis=1)[0]  # the last position only
+            injected = b.op("Gather", ["deepstack_embeds", index], axis=0)[0]
+            x = b.op("Add", [x, last_position(injected) if final else injected])[0]
+    last = b.op("Gather", [x, last_index], axis=1)[0]  # [1, 1, H] -> [1, H]
     normed = b.op("SimplifiedLayerNormalization", [last, final_norm], axis=-1, epsilon=rms_eps)[0]
     b.nodes.append(helper.make_node("Identity", [matmul(normed, lm_head)], ["logits"], name="logits"))
 
@@ -149,9 +190,12 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, d.vocab_size]),
                *[helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, kv, "capacity", d.head_dim])
                  for n in cache_names(d, "present")]]
+    # the nodes that make the weights used (DequantizeLinear, the table's gather), copied as they are
+    made_here = {o for n in b.nodes for o in n.output}
+    copied = _producers(g, sorted({i for n in b.nodes for i in n.input} - made_here))
     used = {i for n in [*copied, *b.nodes] for i in n.input}
-    graph = helper.make_graph([*copied, *b.nodes], "moss_audio_decoder_ort", inputs, outputs,
-                              [t for t in g.initializer if t.name in used] + b.consts)
+    graph = helper.make_graph([*copied, *b.nodes], "moss_audio_decoder_prefill" if prompt_graph else "moss_audio_decoder_ort",
+                              inputs, outputs, [t for t in g.initializer if t.name in used] + b.consts)
     opsets = [helper.make_opsetid("", max(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx"))),
               helper.make_opsetid(MS, 1)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="moss-audio-edge")

@@ -15,7 +15,7 @@ from moss_edge.export.reference import ReferencePipeline
 from moss_edge.runtime.audio import load_audio
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens
-from moss_edge.runtime.graphs import ORT_DECODER
+from moss_edge.runtime.graphs import ORT_DECODER, PREFILL_DECODER
 from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.pipeline import ParityWarning, Pipeline
 from moss_edge.runtime.session import available_memory
@@ -30,6 +30,7 @@ THRESHOLDS = {
     "int4": {"cosine": 0.98, "rel": None, "kl_mean": 0.1, "top1": 0.8, "greedy": 0.1},
 }
 ORDER = ["fp32", "fp16", "int8", "int4"]
+PROMPT_PATHS = {"int8": "INT8 prompt graph", "decoder": "prompts on the token graph"}
 
 
 def compare(x: np.ndarray, ref: np.ndarray) -> dict:
@@ -169,13 +170,18 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
     ref_tokens, ref_logits = _reference_steps(ref, prompt_ids, ref_audio, steps)
     # Every decoder graph the artifact has: the provider's own, then the others (on CPU), one
     # loaded at a time (at 4B each holds ~2 GB of weights).
+    # and the prompt graph (decoder_prefill, prompts on the integer GEMM) with decoder_ort's tokens
     per_decoder = {}
-    for name in [pipe.decoder_graph, *(n for n in ("decoder", ORT_DECODER)
-                                       if n in pipe.artifact.manifest["graphs"] and n != pipe.decoder_graph)]:
+    names = [pipe.decoder_graph, *(n for n in ("decoder", ORT_DECODER)
+                                   if n in pipe.artifact.manifest["graphs"] and n != pipe.decoder_graph)]
+    if pipe.artifact.manifest.get("prefill", {}).get("cpu") == PREFILL_DECODER and ORT_DECODER in names:
+        names.append(PREFILL_DECODER)
+    for name in names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ParityWarning)
-            runner = (pipe if provider == "cpu" or name == pipe.decoder_graph else
-                      Pipeline(pipe.artifact, "cpu", with_decoder=False)).using_decoder(name)
+            host = pipe if provider == "cpu" or name == pipe.decoder_graph else Pipeline(pipe.artifact, "cpu", with_decoder=False)
+            runner = (host.using_decoder(ORT_DECODER, prefill="int8") if name == PREFILL_DECODER
+                      else host.using_decoder(name))
         graphs[name] = {"prefill_logits": compare(runner.prefill(prompt_ids, ref_audio), ref_logits[0])}
         per_decoder[name] = _decode_steps(runner, prompt_ids, art_audio, ref_tokens, ref_logits, steps)
         del runner
@@ -201,9 +207,14 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
               "graphs": graphs, "steps": per_step, "end_to_end": end_to_end,
               "end_to_end_by_decoder": {name: figures for name, (_, figures) in per_decoder.items()},
               "thresholds": limits, "summary": summary}
-    task = evaluate(pipe.using_decoder(pipe.decoder_graph), reference) if evaluate else None
+    task = evaluate(pipe.using_decoder(pipe.decoder_graph, pipe.prefill_path), reference) if evaluate else None
     if task:  # reported, not gated: on a few hundred examples a point or two is sampling noise
         report["task"] = task
+        if PREFILL_DECODER in names:  # the other prompt path too: which one runs depends on the CPU
+            other = "decoder" if pipe.prefill_path == "int8" else "int8"
+            task["artifact_by_prefill"] = {
+                pipe.prefill_path: task["artifact"],
+                other: evaluate(pipe.using_decoder(pipe.decoder_graph, other), reference)["artifact"]}
         summary.update(task_exact_match=task["artifact"]["exact_match"], task_reference_exact_match=task["reference"]["exact_match"],
                        event_list_exact_match=task["artifact"]["event_list_exact_match"])
     return report
@@ -287,15 +298,18 @@ def report_markdown(report: dict) -> str:
               f"{' (diverged at a near-tie)' if e.get('diverged_at_near_tie') else ''} |"]
     for name, other in report.get("end_to_end_by_decoder", {}).items():
         if name != s.get("decoder", "decoder"):
-            lines.append(f"| {name}: mean KL / top-1 / greedy | {other['kl_mean']:.3e} / "
+            label = f"{name} prompts, {ORT_DECODER} tokens" if name == PREFILL_DECODER else name
+            lines.append(f"| {label}: mean KL / top-1 / greedy | {other['kl_mean']:.3e} / "
                          f"{top1_text(other['top1_agreement'], other['top1_decided'], s['steps'])} / {other['greedy_match']:.3f} |")
     if "task" in report:
         t = report["task"]
         lines += ["", f"Task accuracy (sound events, {t['n']} held-out examples, exact match):", "",
                   "| model | overall | " + " | ".join(t["reference"]["per_task"]) + " |",
                   "|---|---|" + "---|" * len(t["reference"]["per_task"])]
-        for name in ("reference", "artifact"):
-            r = t[name]
+        rows = [("reference", t["reference"])] + ([(f"artifact, {PROMPT_PATHS[path]}", r) for path, r in
+                                                   t["artifact_by_prefill"].items()]
+                                                  if "artifact_by_prefill" in t else [("artifact", t["artifact"])])
+        for name, r in rows:
             lines.append(f"| {name} | {r['exact_match']:.3f} | " + " | ".join(f"{v:.3f}" for v in r["per_task"].values()) + " |")
     if s["failures"]:
         lines += ["", "Failures:", *[f"- {f}" for f in s["failures"]]]

@@ -16,6 +16,7 @@ import numpy as np
 
 from moss_edge import bundled_audio
 from moss_edge.runtime.audio import SAMPLE_RATE
+from moss_edge.runtime.cpu import cpu_features
 
 
 @dataclass
@@ -157,13 +158,8 @@ def fit_depths(by_depth: dict[int, tuple[float, float]], full_depth: int) -> dic
 def cpu_flags() -> str:
     """The SIMD features that decide which kernels run (x86 'flags', ARM64 'Features'), for
     the records every benchmark writes beside its figures."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "asimd", "asimddp", "i8mm", "sve")
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    line = next((x for x in lines if x.startswith(("flags", "Features"))), ":")
-    present = line.split(":", 1)[1].split()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimd", "asimddp", "i8mm", "sve")
+    present = cpu_features()
     return " ".join(f for f in wanted if f in present)
 
 

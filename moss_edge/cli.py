@@ -23,6 +23,7 @@ def _quantize_options(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moss_edge.runtime.pipeline import PREFILL_PATHS
     from moss_edge.runtime.session import PROVIDERS
 
     parser = argparse.ArgumentParser(prog="moss-edge", description="Export, quantize and run MOSS-Audio on edge devices.")
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-thinking", action="store_true", help="print a Thinking model's reasoning too")
     p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
     p.add_argument("--threads", type=int, help="intra-op threads (default: the cores available)")
+    p.add_argument("--prefill", choices=PREFILL_PATHS, default="auto",
+                   help="how the prompt runs: int8, the artifact's prompt graph on the CPU's integer GEMM; decoder, "
+                        "the token graph; auto (default): int8 where the artifact has it and the CPU has integer "
+                        "dot-product or matrix instructions")
     p.add_argument("--json", action="store_true", help="print text, tokens and timings as JSON")
     p.add_argument("--stream-input", action="store_true",
                    help="feed the file as a live source (0.1 s blocks), encoding and prefilling while it arrives; "

@@ -107,7 +107,7 @@ def cmd_run(args) -> None:
 
     if (args.realtime or args.exact) and not args.stream_input:
         raise MossEdgeError("--realtime and --exact are options of --stream-input")
-    pipe = Pipeline.load(args.artifact, provider=args.provider, threads=args.threads)
+    pipe = Pipeline.load(args.artifact, provider=args.provider, threads=args.threads, prefill=args.prefill)
     opts = _sampling(args)
     if args.stream_input:
         result = _live_source(pipe, args, opts)
@@ -207,17 +207,20 @@ def cmd_info(args) -> None:
     sizes = m["model"]
     print(f"model     decoder {sizes['num_hidden_layers']} layers x {sizes['hidden_size']}, vocab {sizes['vocab_size']}, "
           f"DeepStack {sizes['num_deepstack']}, chunk {sizes['chunk_frames']} frames")
-    print(f"{'graph':<11} {'precision':<12} {'opset':<6} {'MiB':>9}  inputs -> outputs")
+    print(f"{'graph':<15} {'precision':<12} {'opset':<6} {'MiB':>9}  inputs -> outputs")
     counted = set()  # decoder_ort reads the decoder's weight file: its size is counted once
     for name, g in m["graphs"].items():
         mib = sum((artifact.root / f).stat().st_size for f in g["files"] if f not in counted) / 2**20
         counted.update(g["files"])
         ins = ", ".join(i["name"] for i in g["inputs"][:4]) + (", ..." if len(g["inputs"]) > 4 else "")
         outs = ", ".join(o["name"] for o in g["outputs"][:2]) + (", ..." if len(g["outputs"]) > 2 else "")
-        print(f"{name:<11} {g['precision']:<12} {g['opset']:<6} {mib:>9.2f}  {ins} -> {outs}")
+        print(f"{name:<15} {g['precision']:<12} {g['opset']:<6} {mib:>9.2f}  {ins} -> {outs}")
     if m.get("decoders"):
         print("decoders  " + ", ".join(f"{provider} runs {graph}" for provider, graph in m["decoders"].items())
               + "; other providers run decoder")
+    if m.get("prefill"):
+        print("prompts   " + ", ".join(f"{provider} runs {graph} (INT8, per-row activations) where the CPU has integer "
+                                       "dot-product or matrix instructions" for provider, graph in m["prefill"].items()))
     print(f"runs on   {', '.join(m['backends']) or 'nothing checked'}")
     for target, r in m.get("checks", {}).items():
         found = ", ".join(f"{n} {rule}" for rule, n in r["rules"].items()) or "nothing found"

@@ -26,10 +26,11 @@ from moss_edge.quantize.graph import WeightRule, half_precision_cache, quantize_
 from moss_edge.quantize.kernels import cpu_kernels
 from moss_edge.quantize.plan import GraphPlan, higher_precision_weights, plan_graph
 from moss_edge.quantize.preflight import check_fits
+from moss_edge.quantize.prefill import write_prefill_decoder
 from moss_edge.quantize.recipe import Recipe
 from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.errors import MossEdgeError
-from moss_edge.runtime.graphs import ORT_DECODER
+from moss_edge.runtime.graphs import ORT_DECODER, PREFILL_DECODER
 
 
 @dataclass
@@ -46,6 +47,7 @@ class WrittenGraph:
     dynamic_int8: dict | None = None  # the dynamic INT8 format record
     promoted: dict[str, float] = field(default_factory=dict)  # weight kept one step more precise -> its weighted error
     ort_variant: onnx.ModelProto | None = None  # the decoder's contrib-op twin (decoder_ort.onnx), same weights
+    prefill: tuple[onnx.ModelProto, dict] | None = None  # the prompt graph (decoder_prefill.onnx) and its format
 
 
 @dataclass
@@ -110,8 +112,10 @@ def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration
         half_precision_cache(dst)
     written.proto = onnx.load(str(dst), load_external_data=False)
     if p.name == "decoder":
-        written.ort_variant = write_ort_decoder(tmp, written.proto, src.dims, parse_config(src.manifest["config"]).language,
-                                                src.token_ids.audio_token)
+        language = parse_config(src.manifest["config"]).language
+        written.ort_variant = write_ort_decoder(tmp, written.proto, src.dims, language, src.token_ids.audio_token)
+        if p.recipe.prefill == "int8" and written.ort_variant is not None:
+            written.prefill = write_prefill_decoder(tmp, p, written.proto, src.dims, language, src.token_ids.audio_token)
     return written
 
 
@@ -136,10 +140,15 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
     hashed = {}  # decoder and decoder_ort share decoder.onnx.data: hashed once
     manifest["graphs"] = {name: graph_entry(tmp, name, w.precision, w.proto, hashed) for name, w in written.items()}
     manifest.pop("decoders", None)
+    manifest.pop("prefill", None)
     if written["decoder"].ort_variant is not None:
         manifest["graphs"][ORT_DECODER] = graph_entry(tmp, ORT_DECODER, written["decoder"].precision,
                                                       written["decoder"].ort_variant, hashed)
         manifest["decoders"] = {"cpu": ORT_DECODER}
+    if written["decoder"].prefill is not None:
+        graph, prompt_format = written["decoder"].prefill
+        manifest["graphs"][PREFILL_DECODER] = graph_entry(tmp, PREFILL_DECODER, "int8-dynamic", graph, hashed)
+        manifest["prefill"] = {"cpu": PREFILL_DECODER}
     manifest.pop("engine_plan", None)
     manifest.update(deployment_entries(tmp, manifest))
     kernels = {name: cpu_kernels(tmp / f"{name}.onnx") for name, e in manifest["graphs"].items() if e["precision"] != "fp32"}
@@ -151,6 +160,7 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
         "recipe": recipe.to_dict(),
         "from": src.manifest["source"]["checkpoint"] if src.manifest.get("weights_in_checkpoint") else str(src.root.resolve()),
         "dynamic_int8": {name: w.dynamic_int8 for name, w in written.items() if w.dynamic_int8},
+        **({"prefill": written["decoder"].prefill[1]} if written["decoder"].prefill else {}),
         "higher_precision": {name: higher_precision_weights(plans[name], w.proto, {
             n: f"--keep-until-pass: one step more precise (weighted error {e:.2e})" for n, e in w.promoted.items()})
             for name, w in written.items()},

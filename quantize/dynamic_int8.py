@@ -103,11 +103,15 @@ def integer_matmul(rw: Rewrite, weight: str, user: onnx.NodeProto, activations: 
     rw.removed.add(id(user))
 
 
+INTEGER_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat")  # the latter: the prompt graph's, scales applied inside
+ZERO_POINT_INPUTS = {"MatMulInteger": (2, 3), "MatMulIntegerToFloat": (4, 5)}
+
+
 def _integer_weights(model: onnx.ModelProto, root: Path):
-    """(node index, node, weight [K, N]) of every MatMulInteger whose second input is a constant."""
+    """(node index, node, weight [K, N]) of every integer MatMul whose second input is a constant."""
     inits = {i.name: i for i in model.graph.initializer}
     for index, node in enumerate(model.graph.node):
-        if node.op_type == "MatMulInteger" and node.input[1] in inits:
+        if node.op_type in INTEGER_MATMULS and node.input[1] in inits:
             yield index, node, np.asarray(read_initializer(inits[node.input[1]], root))
 
 
@@ -127,7 +131,7 @@ def worst_pair_sum(graph: Path) -> int:
 
 
 def emulate_pair_saturation(model: onnx.ModelProto, root: Path) -> onnx.ModelProto:
-    """A copy of a dynamic-INT8 graph whose MatMulIntegers compute what x86 kernels without
+    """A copy of a dynamic-INT8 graph whose integer MatMuls compute what x86 kernels without
     VNNI compute: u8 x s8 products added in adjacent pairs, saturated to int16, then summed
     in int32 (zero points corrected afterwards, as the kernels do). Any machine then measures
     a format's accuracy on such CPUs."""
@@ -148,8 +152,9 @@ def emulate_pair_saturation(model: onnx.ModelProto, root: Path) -> onnx.ModelPro
         consts += [numpy_helper.from_array(w32[0::2], f"{p}_w_even"), numpy_helper.from_array(w32[1::2], f"{p}_w_odd"),
                    numpy_helper.from_array(w32.sum(axis=0, dtype=np.int32), f"{p}_w_colsum"),
                    numpy_helper.from_array(np.int32(w.shape[0]), f"{p}_k")]
-        a, a_zp = node.input[0], node.input[2] if len(node.input) > 2 and node.input[2] else None
-        b_zp = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        a_at, b_at = ZERO_POINT_INPUTS[node.op_type]
+        a, a_zp = node.input[0], node.input[a_at] if len(node.input) > a_at and node.input[a_at] else None
+        b_zp = node.input[b_at] if len(node.input) > b_at and node.input[b_at] else None
         nodes = [helper.make_node("Cast", [a], [f"{p}_a"], to=TensorProto.INT32),
                  helper.make_node("Slice", [f"{p}_a", "emu_zero", "emu_end", "emu_last", "emu_step"], [f"{p}_a_even"]),
                  helper.make_node("Slice", [f"{p}_a", "emu_one", "emu_end", "emu_last", "emu_step"], [f"{p}_a_odd"]),
@@ -177,6 +182,14 @@ def emulate_pair_saturation(model: onnx.ModelProto, root: Path) -> onnx.ModelPro
                           helper.make_node("Mul", [f"{p}_zz", f"{p}_k"], [f"{p}_kzz"]),
                           helper.make_node("Add", [total, f"{p}_kzz"], [f"{p}_t3"])]
                 total = f"{p}_t3"
+        if node.op_type == "MatMulIntegerToFloat":  # float(sum) * a_scale * b_scale (+ bias)
+            nodes += [helper.make_node("Cast", [total], [f"{p}_float"], to=TensorProto.FLOAT),
+                      helper.make_node("Mul", [f"{p}_float", node.input[2]], [f"{p}_a_scaled"]),
+                      helper.make_node("Mul", [f"{p}_a_scaled", node.input[3]], [f"{p}_scaled"])]
+            total = f"{p}_scaled"
+            if len(node.input) > 6 and node.input[6]:
+                nodes.append(helper.make_node("Add", [total, node.input[6]], [f"{p}_biased"]))
+                total = f"{p}_biased"
         nodes.append(helper.make_node("Identity", [total], [node.output[0]]))
         replaced[index] = nodes
     kept = []

@@ -12,6 +12,7 @@ from moss_edge.export.checkpoint import reference_bytes
 from moss_edge.export.model import MossAudio
 from moss_edge.quantize.recipe import GraphRecipe, Recipe
 from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.runtime.graphs import PREFILL_DECODER
 from moss_edge.runtime.session import available_memory
 
 BYTES_PER_PARAMETER = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int8-dynamic": 1.0, "w8a8": 1.0, "int4": 0.5}
@@ -42,10 +43,13 @@ def graph_bytes(model: MossAudio, recipe: Recipe) -> dict[str, int]:
     """Each graph's bytes on disk under the recipe, from a (meta) model's parameter counts."""
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     lm, decoder = model.language_model, recipe.graphs["decoder"]
-    return {"encoder": _bytes(count(model.audio_encoder), recipe.graphs["encoder"]),
-            "adapter": _bytes(count(model.audio_adapter) + count(model.deepstack_audio_merger_list), recipe.graphs["adapter"]),
-            "decoder": _bytes(count(lm.layers), decoder) + _bytes(lm.embed_tokens.weight.numel(), decoder, decoder.embedding)
-                       + _bytes(model.lm_head.weight.numel(), decoder, decoder.lm_head)}
+    sizes = {"encoder": _bytes(count(model.audio_encoder), recipe.graphs["encoder"]),
+             "adapter": _bytes(count(model.audio_adapter) + count(model.deepstack_audio_merger_list), recipe.graphs["adapter"]),
+             "decoder": _bytes(count(lm.layers), decoder) + _bytes(lm.embed_tokens.weight.numel(), decoder, decoder.embedding)
+                        + _bytes(model.lm_head.weight.numel(), decoder, decoder.lm_head)}
+    if decoder.prefill == "int8":  # the prompt graph's INT8 copy of the layers
+        sizes[PREFILL_DECODER] = _bytes(count(lm.layers), decoder, "int8-dynamic")
+    return sizes
 
 
 def estimate(cfg, recipe: Recipe) -> Estimate:

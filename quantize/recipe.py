@@ -21,6 +21,7 @@ class GraphRecipe:
     lm_head: str = "int8"  # decoder only
     embedding: str = "int8"  # decoder only
     kv_cache: str = "fp32"  # decoder only: the portable decoder's cache inputs/outputs (fp16 halves them on a GPU)
+    prefill: str = "none"  # decoder only: "int8" adds the prompt graph on the CPU's integer GEMM (quantize/prefill.py)
     keep: list[str] = field(default_factory=list)  # weight-name fragments kept in fp32
     activations: str = "percentile"  # w8a8 activation ranges: percentile (99.99th) or minmax
 
@@ -46,6 +47,10 @@ class GraphRecipe:
             raise MossEdgeError(f"{graph}: kv_cache {self.kv_cache!r} must be fp32 or fp16")
         if self.kv_cache != "fp32" and graph != "decoder":
             raise MossEdgeError(f"{graph}: kv_cache is a decoder setting")
+        if self.prefill not in ("none", "int8"):
+            raise MossEdgeError(f"{graph}: prefill {self.prefill!r} must be none or int8")
+        if self.prefill != "none" and (graph != "decoder" or self.precision not in ("int4", "int8")):
+            raise MossEdgeError(f"{graph}: prefill int8 is a setting of an int4 or int8 decoder")
         if self.activations not in ("percentile", "minmax"):
             raise MossEdgeError(f"{graph}: activations {self.activations!r} must be percentile or minmax")
         if self.precision == "w8a8" and graph == "decoder":
@@ -79,10 +84,12 @@ PRESETS = {
     "int8": lambda: _preset("int8", "int8-dynamic", "int8-dynamic", GraphRecipe("int8", block=128)),
     # ORT CPU: INT4 decoder (round to nearest), tables INT8. The adapter is dynamic INT8 too: at
     # 4B widths 0.19 s instead of 0.64 s for 30 s of audio, and the packaged model's held-out
-    # answers are the same as with the fp32 adapter (README, the int8 row).
-    "int4": lambda: _preset("int4", "int8-dynamic", "int8-dynamic", GraphRecipe("int4", block=128)),
+    # answers are the same as with the fp32 adapter (README, the int8 row). Prompts run on INT8
+    # copies of the layer weights (the CPU's integer GEMM; README, "Prompts on the integer GEMM").
+    "int4": lambda: _preset("int4", "int8-dynamic", "int8-dynamic", GraphRecipe("int4", block=128, prefill="int8")),
     # the same with activation-aware scaling and clipping from the calibration set
-    "int4-awq": lambda: _preset("int4-awq", "int8-dynamic", "int8-dynamic", GraphRecipe("int4", method="awq", block=128)),
+    "int4-awq": lambda: _preset("int4-awq", "int8-dynamic", "int8-dynamic",
+                                GraphRecipe("int4", method="awq", block=128, prefill="int8")),
     # Jetson / TensorRT: every weight in TensorRT's documented weight-only mode, INT4 blocked by
     # 128 (TensorRT 10 quantizes INT8 only with its activations), the embedding table fp16
     # (TensorRT gathers no quantized table); runs on CUDA and CPU as well

@@ -12,6 +12,10 @@ decoder   input_ids, position_ids [batch, seq], audio_embeds [batch, seq, H],
 decoder_ort  the same model for ONNX Runtime's CPU provider (export/ort_decoder.py): batch 1, no
           position_ids; the cache inputs are buffers of `capacity` positions that the outputs
           alias, seqlens_k [1] and total_sequence_length [] say how much of them is valid
+decoder_prefill  decoder_ort's inputs and outputs: the prompt path on the CPU's integer GEMM (INT8
+          weights, activations quantized per row); quantize writes it when the recipe asks for it,
+          and the runtime runs prompts through it and tokens through decoder_ort, on the same
+          cache buffers
 """
 
 from dataclasses import dataclass, fields
@@ -25,6 +29,7 @@ GRAPHS = ("encoder", "adapter", "decoder")
 # The decoder built from ONNX Runtime's contrib ops (export/ort_decoder.py), beside the portable
 # one; the manifest's "decoders" says which provider runs it.
 ORT_DECODER = "decoder_ort"
+PREFILL_DECODER = "decoder_prefill"
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ def graph_spec(name: str, d: Dims) -> GraphSpec:
              Tensor("deepstack_embeds", (d.num_deepstack, "batch", "seq", d.hidden_size)),
              *[Tensor(n, cache) for n in cache_names(d, "past")]),
             (Tensor("logits", ("batch", d.vocab_size)), *[Tensor(n, grown) for n in cache_names(d, "present")]))
-    if name == ORT_DECODER:  # the KV cache is a buffer of `capacity` positions, valid up to the cached length
+    if name in (ORT_DECODER, PREFILL_DECODER):  # the KV cache is a buffer of `capacity` positions, valid up to the cached length
         buffer = (1, d.num_key_value_heads, "capacity", d.head_dim)
         return GraphSpec(
             (Tensor("input_ids", (1, "seq"), "int64"), Tensor("audio_embeds", (1, "seq", d.hidden_size)),
@@ -97,7 +102,7 @@ def graph_spec(name: str, d: Dims) -> GraphSpec:
              *[Tensor(n, buffer) for n in cache_names(d, "past")],
              Tensor("seqlens_k", (1,), "int32"), Tensor("total_sequence_length", (), "int32")),
             (Tensor("logits", (1, d.vocab_size)), *[Tensor(n, buffer) for n in cache_names(d, "present")]))
-    raise MossEdgeError(f"unknown graph {name!r}; the graphs are {', '.join((*GRAPHS, ORT_DECODER))}")
+    raise MossEdgeError(f"unknown graph {name!r}; the graphs are {', '.join((*GRAPHS, ORT_DECODER, PREFILL_DECODER))}")
 
 
 def concrete_shapes(tensors: tuple[Tensor, ...], sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:

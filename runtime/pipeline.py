@@ -14,12 +14,13 @@ import numpy as np
 import soundfile as sf
 
 from moss_edge.runtime.artifact import Artifact
+from moss_edge.runtime.cpu import cpu_features, integer_dot_product
 from moss_edge.runtime.audio import (SAMPLE_RATE, EncoderBatch, chunk_mels, clip_token_count, load_audio, log_mel,
                                      prepare_waveform)
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import Result, generate_tokens, place_audio, result, stream_text
 from moss_edge.runtime.decoders import decoder_runner
-from moss_edge.runtime.graphs import graph_spec, mismatches
+from moss_edge.runtime.graphs import ORT_DECODER, graph_spec, mismatches
 from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.prompt import TextTokenizer, prompt_ids
 from moss_edge.runtime.sampling import SamplingOptions
@@ -98,6 +99,32 @@ def check_tensorrt_version(checks: dict, installed: tuple[int, int] | None) -> N
                         "--opset 21 and quantize with --recipe int4-trt for JetPack 6")
 
 
+PREFILL_PATHS = ("auto", "int8", "decoder")
+
+
+def choose_prefill(artifact: Artifact, provider: str, decoder: str, asked: str, features: set[str]) -> tuple[str, str]:
+    """(the prompt path, why): "int8", the artifact's prompt graph on the integer GEMM, or
+    "decoder", the token graph. auto takes int8 where the artifact has a prompt graph for this
+    provider and decoder and the CPU has integer dot-product or matrix instructions."""
+    if asked not in PREFILL_PATHS:
+        raise MossEdgeError(f"prefill must be one of {', '.join(PREFILL_PATHS)}, got {asked!r}")
+    graph = artifact.manifest.get("prefill", {}).get(provider)
+    if asked == "decoder":
+        return "decoder", "asked for"
+    if graph is None or decoder != ORT_DECODER:
+        if asked == "int8":
+            raise MossEdgeError(f"{artifact.root} has no INT8 prompt graph for the {decoder} decoder on {provider}; "
+                                "quantize with a recipe whose decoder has \"prefill\": \"int8\" (the int4 and int4-awq "
+                                "presets do) and run on the cpu provider, or use prefill auto")
+        return "decoder", "the artifact has no prompt graph for this decoder and provider"
+    if asked == "int8":
+        return "int8", "asked for"
+    units = integer_dot_product(features)
+    if not units:
+        return "decoder", "this CPU has no integer dot-product or matrix instructions"
+    return "int8", f"this CPU has {', '.join(units)}"
+
+
 class Pipeline:
     """A loaded artifact: generate/stream for applications, and the Inference interface
     (encode, prefill, step; runtime/inference.py) for the tools that drive models directly.
@@ -105,7 +132,8 @@ class Pipeline:
     serialised by a lock; load one Pipeline per worker for parallelism."""
 
     def __init__(self, artifact: Artifact, provider: str = "cpu", threads: int | None = None,
-                 limits: ShapeLimits | None = None, with_decoder: bool = True, decoder: str | None = None):
+                 limits: ShapeLimits | None = None, with_decoder: bool = True, decoder: str | None = None,
+                 prefill: str = "auto"):
         backends = artifact.manifest.get("backends", list(PROVIDERS))
         if provider not in backends:
             precisions = {g: e["precision"] for g, e in artifact.manifest["graphs"].items()}
@@ -151,13 +179,26 @@ class Pipeline:
         if self.decoder_graph not in artifact.manifest["graphs"]:
             raise MossEdgeError(f"{artifact.root} has no {self.decoder_graph!r} graph; it has "
                                 f"{', '.join(artifact.manifest['graphs'])}")
+        self.prefill_path, self.prefill_reason = choose_prefill(artifact, provider, self.decoder_graph, prefill,
+                                                                cpu_features())
+        self.provider = provider
         if with_decoder:
-            loaded = session(self.decoder_graph)
-            check_graph_io(artifact, self.decoder_graph, loaded)
-            self.decoder = decoder_runner(self.decoder_graph, loaded, self.dims, self.limits.max_prompt)
+            self.decoder = self._decoder_runner(self.decoder_graph, self.prefill_path)
         self.tokenizer = TextTokenizer.from_dir(artifact.root) if artifact.tokenizer_files else None
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside generate/stream, to catch re-entry
+
+    def _decoder_runner(self, graph: str, prefill_path: str):
+        """The runner for one of the artifact's decoders, with the prompt graph's session when
+        the prompt path is int8 (both graphs' weights are then in memory)."""
+        loaded = self._session(graph)
+        check_graph_io(self.artifact, graph, loaded)
+        prompt = None
+        if prefill_path == "int8":
+            prompt_graph = self.artifact.manifest["prefill"][self.provider]
+            prompt = self._session(prompt_graph)
+            check_graph_io(self.artifact, prompt_graph, prompt)
+        return decoder_runner(graph, loaded, self.dims, self.limits.max_prompt, prompt)
 
     @property
     def settings(self) -> dict:
@@ -166,21 +207,23 @@ class Pipeline:
         sessions = {"encoder": self.encoder, "adapter": self.adapter}
         if self.decoder is not None:
             sessions[self.decoder_graph] = self.decoder.session
-        return {"decoder": self.decoder_graph, "limits": vars(self.limits), "chunks_per_encoder_run": self.chunks_per_run,
+            if getattr(self.decoder, "prompt_session", None) is not None:
+                sessions[self.artifact.manifest["prefill"][self.provider]] = self.decoder.prompt_session
+        return {"decoder": self.decoder_graph, "prefill": {"path": self.prefill_path, "why": self.prefill_reason},
+                "limits": vars(self.limits), "chunks_per_encoder_run": self.chunks_per_run,
                 "sessions": {g: {"providers": s.get_providers(), "provider_options": s.get_provider_options(),
                                  "intra_op_threads": s.get_session_options().intra_op_num_threads}
                              for g, s in sessions.items()}}
 
-    def using_decoder(self, graph: str) -> "Pipeline":
-        """This pipeline with another of the artifact's decoders (verify checks each), sharing the
-        encoder and adapter sessions; the decoder it is made from can be dropped first, so that
-        one decoder's weights are in memory at a time."""
+    def using_decoder(self, graph: str, prefill: str = "decoder") -> "Pipeline":
+        """This pipeline with another of the artifact's decoders (verify checks each) and prompt
+        path, sharing the encoder and adapter sessions; the decoder it is made from can be
+        dropped first, so that one decoder's weights are in memory at a time."""
         if graph not in self.artifact.manifest["graphs"]:
             raise MossEdgeError(f"{self.artifact.root} has no {graph!r} graph")
         other = copy.copy(self)
-        loaded = self._session(graph)
-        check_graph_io(self.artifact, graph, loaded)
-        other.decoder_graph, other.decoder = graph, decoder_runner(graph, loaded, self.dims, self.limits.max_prompt)
+        other.prefill_path, other.prefill_reason = choose_prefill(self.artifact, self.provider, graph, prefill, set())
+        other.decoder_graph, other.decoder = graph, self._decoder_runner(graph, other.prefill_path)
         other._lock, other._owner = threading.Lock(), None
         return other
 
@@ -223,9 +266,9 @@ class Pipeline:
     @classmethod
     def load(cls, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
              check_hashes: bool = True, limits: ShapeLimits | None = None, with_decoder: bool = True,
-             unfinished_ok: bool = False, decoder: str | None = None) -> "Pipeline":
+             unfinished_ok: bool = False, decoder: str | None = None, prefill: str = "auto") -> "Pipeline":
         return cls(Artifact.load(artifact_dir, check_hashes, unfinished_ok), provider, threads, limits, with_decoder,
-                   decoder)
+                   decoder, prefill)
 
     def encode(self, clips: list[AudioInput]) -> AudioFeatures:
         """Clips (paths, bytes, (samples, rate) or 16 kHz arrays) -> their audio features."""

@@ -13,7 +13,7 @@ from moss_edge.quantize.artifact import quantize_artifact
 from moss_edge.quantize.recipe import load_recipe
 from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.decoders import BufferedDecoderRunner
-from moss_edge.runtime.graphs import ORT_DECODER, graph_spec
+from moss_edge.runtime.graphs import ORT_DECODER, PREFILL_DECODER, graph_spec
 from moss_edge.runtime.pipeline import Pipeline
 
 
@@ -62,9 +62,9 @@ def test_quantized_artifacts_carry_the_contrib_decoder_and_verify_both(fixture_a
     manifest = out.manifest
     assert manifest["decoders"] == {"cpu": ORT_DECODER} and manifest["graphs"][ORT_DECODER]["precision"] == "int4"
     assert manifest["quantization"]["ort_cpu_kernels"][ORT_DECODER]["MatMulNBits"] > 0  # still fused at load
-    report = out.report
-    assert set(report["end_to_end_by_decoder"]) == {ORT_DECODER, "decoder"}
-    assert {"decoder", ORT_DECODER} <= set(report["graphs"]) and report["summary"]["decoder"] == ORT_DECODER
+    report = out.report  # both decoders, and decoder_ort's tokens after the INT8 prompt graph's prefill
+    assert set(report["end_to_end_by_decoder"]) == {ORT_DECODER, "decoder", PREFILL_DECODER}
+    assert {"decoder", ORT_DECODER, PREFILL_DECODER} <= set(report["graphs"]) and report["summary"]["decoder"] == ORT_DECODER
     # the same DequantizeLinear weights and AWQ input scales as the portable graph, not a copy
     graph = onnx.load(str(out.path / "decoder_ort.onnx"), load_external_data=False)
     locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
