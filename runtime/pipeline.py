@@ -14,9 +14,9 @@ import numpy as np
 import soundfile as sf
 
 from moss_edge.runtime.artifact import Artifact
-from moss_edge.runtime.cpu import cpu_features, integer_dot_product
 from moss_edge.runtime.audio import (SAMPLE_RATE, EncoderBatch, chunk_mels, clip_token_count, load_audio, log_mel,
                                      prepare_waveform)
+from moss_edge.runtime.cpu import cpu_features, integer_dot_product
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import Result, generate_tokens, place_audio, result, stream_text
 from moss_edge.runtime.decoders import decoder_runner
@@ -108,7 +108,11 @@ def choose_prefill(artifact: Artifact, provider: str, decoder: str, asked: str, 
     provider and decoder and the CPU has integer dot-product or matrix instructions."""
     if asked not in PREFILL_PATHS:
         raise MossEdgeError(f"prefill must be one of {', '.join(PREFILL_PATHS)}, got {asked!r}")
-    graph = artifact.manifest.get("prefill", {}).get(provider)
+    chosen = artifact.manifest.get("prefill", {})
+    graph = chosen.get(provider) if isinstance(chosen, dict) else None
+    if not isinstance(chosen, dict) or (graph is not None and graph not in artifact.manifest["graphs"]):
+        raise MossEdgeError(f"{artifact.root}/manifest.json chooses a prompt graph ({chosen!r}) that it does not list; "
+                            "export the artifact again")
     if asked == "decoder":
         return "decoder", "asked for"
     if graph is None or decoder != ORT_DECODER:

@@ -99,6 +99,9 @@ def test_the_prompt_path_is_chosen_from_the_cpu_and_the_artifact(int4, packaged_
         choose_prefill(fp32, "cpu", ORT_DECODER, "int8", {"amx_int8"})
     with pytest.raises(MossEdgeError, match="prefill must be one of auto, int8, decoder"):
         choose_prefill(artifact, "cpu", ORT_DECODER, "fast", set())
+    edited = Artifact(artifact.root, {**artifact.manifest, "prefill": {"cpu": "decoder_gone"}})
+    with pytest.raises(MossEdgeError, match="chooses a prompt graph .* that it does not list"):
+        choose_prefill(edited, "cpu", ORT_DECODER, "decoder", set())
     pipe = Pipeline.load(int4, prefill="int8")
     assert pipe.settings["prefill"] == {"path": "int8", "why": "asked for"}
     assert set(pipe.settings["sessions"]) == {"encoder", "adapter", ORT_DECODER, PREFILL_DECODER}
