@@ -94,7 +94,7 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
         "post_attention_layernorm.weight", "mlp.gate_proj.weight_t", "mlp.up_proj.weight_t", "mlp.down_proj.weight_t")]
         for i in range(d.num_hidden_layers)]
     final_norm, lm_head = "model.language_model.norm.weight", "model.lm_head.weight_t"
-    prompt_graph = integer_weights is not None
+    integer_weights = integer_weights or {}
 
     b = _Builder()
     initializers = {t.name for t in g.initializer}
@@ -102,7 +102,7 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
 
     def matmul(x: str, w: str) -> str:
         """x @ w; AWQ stores w scaled by s per input channel and divides x by s first."""
-        if prompt_graph and w in integer_weights:
+        if w in integer_weights:
             return integer_matmul(x, *integer_weights[w])
         if f"{w}_input_scale" in initializers:
             x = b.op("Mul", [x, f"{w}_input_scale"])[0]
@@ -138,7 +138,7 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
         and the residual Add after it into a Gemm, which takes no INT4 weights (MatMulNBits)."""
         return b.op("Gather", [t, last_span], axis=1)[0]
 
-    if prompt_graph:
+    if integer_weights:
         tiny = b.const("row_scale_floor", np.array(1e-30, np.float32))
         int8_range = b.const("int8_range", np.array(127, np.float32))
         unit_scale = b.const("unit_scale", np.array(1, np.float32))
@@ -194,7 +194,7 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
     made_here = {o for n in b.nodes for o in n.output}
     copied = _producers(g, sorted({i for n in b.nodes for i in n.input} - made_here))
     used = {i for n in [*copied, *b.nodes] for i in n.input}
-    graph = helper.make_graph([*copied, *b.nodes], "moss_audio_decoder_prefill" if prompt_graph else "moss_audio_decoder_ort",
+    graph = helper.make_graph([*copied, *b.nodes], "moss_audio_decoder_prefill" if integer_weights else "moss_audio_decoder_ort",
                               inputs, outputs, [t for t in g.initializer if t.name in used] + b.consts)
     opsets = [helper.make_opsetid("", max(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx"))),
               helper.make_opsetid(MS, 1)]

@@ -146,8 +146,8 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
                                                       written["decoder"].ort_variant, hashed)
         manifest["decoders"] = {"cpu": ORT_DECODER}
     if written["decoder"].prefill is not None:
-        graph, prompt_format = written["decoder"].prefill
-        manifest["graphs"][PREFILL_DECODER] = graph_entry(tmp, PREFILL_DECODER, "int8-dynamic", graph, hashed)
+        manifest["graphs"][PREFILL_DECODER] = graph_entry(tmp, PREFILL_DECODER, "int8-dynamic", written["decoder"].prefill[0],
+                                                          hashed)
         manifest["prefill"] = {"cpu": PREFILL_DECODER}
     manifest.pop("engine_plan", None)
     manifest.update(deployment_entries(tmp, manifest))

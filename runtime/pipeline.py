@@ -211,7 +211,7 @@ class Pipeline:
         sessions = {"encoder": self.encoder, "adapter": self.adapter}
         if self.decoder is not None:
             sessions[self.decoder_graph] = self.decoder.session
-            if getattr(self.decoder, "prompt_session", None) is not None:
+            if self.prefill_path == "int8":
                 sessions[self.artifact.manifest["prefill"][self.provider]] = self.decoder.prompt_session
         return {"decoder": self.decoder_graph, "prefill": {"path": self.prefill_path, "why": self.prefill_reason},
                 "limits": vars(self.limits), "chunks_per_encoder_run": self.chunks_per_run,
