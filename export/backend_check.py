@@ -13,7 +13,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from moss_edge.export.engine_plan import artifact_plan
-from moss_edge.export.backend_rules import ORT_CUDA_ELSEWHERE, RULES, TARGETS, TRT_TYPES, Target
+from moss_edge.export.backend_rules import ORT_CUDA_ELSEWHERE, ORT_CUDA_TYPES, RULES, TARGETS, TRT_TYPES, Target
+from moss_edge.quantize.half_emulation import tensor_types
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.graphs import Dims
 from moss_edge.runtime.session import ShapeLimits, profile_sizes
@@ -46,6 +47,7 @@ class GraphFacts:
             for name in n.input:
                 self.read_by[name].append(n)
         self.opsets = {(o.domain or ""): o.version for o in model.opset_import}
+        self.types = tensor_types(model)
 
     def value(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.constants[name], str(self.base_dir))
@@ -134,6 +136,48 @@ def int4_block_undocumented(node, facts):
     return f"block size {sizes[0]}" if sizes else None
 
 
+def _matmul_a_type(node, facts) -> int | None:
+    """The type of the data a weight's DequantizeLinear output multiplies (its MatMul's input A)."""
+    users = [u for u in facts.read_by[node.output[0]] if u.op_type == "MatMul" and u.input[1] == node.output[0]]
+    return facts.types.get(users[0].input[0]) if users else None
+
+
+def int4_in_fp32(node, facts):
+    weight, scale = _four_bit(node, facts), facts.constants.get(node.input[1])
+    if weight is None or scale is None or scale.data_type != TensorProto.FLOAT:
+        return None
+    return (f"fp32 scales: {node.input[0]!r} becomes an fp32 weight; weights may be held dequantized: "
+            f"{4 * int(np.prod(weight.dims)) / 2**20:.1f} MiB instead of {int(np.prod(weight.dims)) / 2**21:.1f} MiB")
+
+
+def scale_type_differs(node, facts):
+    scale, data = facts.constants.get(node.input[1]), _matmul_a_type(node, facts)
+    if scale is None or data is None or scale.data_type == data:
+        return None
+    return (f"{TensorProto.DataType.Name(scale.data_type)} scales dequantize a weight that multiplies "
+            f"{TensorProto.DataType.Name(data)} data")
+
+
+def int4_not_matmul_b(node, facts):
+    if _four_bit(node, facts) is None:
+        return None
+    other = [f"{u.op_type} input {list(u.input).index(node.output[0])}" for u in facts.read_by[node.output[0]]
+             if u is not node and not (u.op_type == "MatMul" and u.input[1] == node.output[0])]
+    return f"the dequantized weight feeds {', '.join(other)}, not MatMul input B directly" if other else None
+
+
+def int4_shape_unfused(node, facts):
+    weight, scale = _four_bit(node, facts), facts.constants.get(node.input[1])
+    if weight is None or scale is None or len(weight.dims) != 2:
+        return None
+    k, n = weight.dims
+    block = _attr(node, "block_size") or k
+    # a weight shorter than one block is one partial block, as ModelOpt writes it too
+    problems = ([f"N = {n} is odd"] if n % 2 else []) + ([f"K = {k} is not a multiple of the block {block}"]
+                                                       if k > block and k % block else [])
+    return "; ".join(problems) or None
+
+
 def int8_weight_only(node, facts):
     weight = facts.constants.get(node.input[0])
     if weight is None or weight.data_type != TensorProto.INT8:
@@ -149,19 +193,30 @@ def int8_weight_only(node, facts):
 
 CHECKS = {f.__name__: f for f in (has_reduction_attribute, reduces, axis_not_constant, uses_extra_outputs,
                                   gelu_approximation_unknown, gathers_quantized_table, nonzero_zero_point,
-                                  int4_weight_unsupported, int4_block_undocumented, int8_weight_only)}
+                                  int4_weight_unsupported, int4_block_undocumented, int8_weight_only, int4_in_fp32,
+                                  scale_type_differs, int4_not_matmul_b, int4_shape_unfused)}
 
 
 @functools.cache
-def _cpu_kernels() -> dict[tuple[str, str], list[tuple[int, int]]]:
+def _cpu_kernels() -> dict[tuple[str, str], list[tuple[int, int, bool]]]:
+    """(domain, op) -> [(first opset, last opset, takes fp16)] of the installed CPU provider."""
     import onnxruntime.capi.onnxruntime_pybind11_state as state
 
     kernels = defaultdict(list)
     for d in state.get_all_opkernel_def():
         if d.provider == "CPUExecutionProvider":
             domain = "" if d.domain in ("", "ai.onnx") else d.domain
-            kernels[(domain, d.op_name)].append(tuple(d.version_range))
+            half = any("tensor(float16)" in types for types in d.type_constraints.values())
+            kernels[(domain, d.op_name)].append((*d.version_range, half))
     return kernels
+
+
+def _half_input(node, facts) -> bool:
+    """Whether the node computes on fp16 data (a Cast reads anything; a DequantizeLinear's type is its scales')."""
+    if node.op_type in ("Cast", "Shape", "Size"):
+        return False
+    read = node.input[1:2] if node.op_type == "DequantizeLinear" else node.input
+    return any(facts.types.get(i) == TensorProto.FLOAT16 for i in read)
 
 
 def _op_findings(graph: str, node: onnx.NodeProto, facts: GraphFacts, target: Target) -> list[Finding]:
@@ -173,11 +228,24 @@ def _op_findings(graph: str, node: onnx.NodeProto, facts: GraphFacts, target: Ta
     elif target.name == "ort-cuda" and node.op_type in ORT_CUDA_ELSEWHERE:
         return [Finding(graph, name, node.op_type, "cuda-kernel", "elsewhere", ORT_CUDA_ELSEWHERE[node.op_type],
                         target.ops_source)]
+    elif target.name == "ort-cuda" and node.op_type in ORT_CUDA_TYPES:
+        data = node.input[1] if node.op_type == "DequantizeLinear" else node.input[0]
+        got = facts.types.get(data)
+        if got in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE) \
+                and TensorProto.DataType.Name(got) not in ORT_CUDA_TYPES[node.op_type]:
+            return [Finding(graph, name, node.op_type, "cuda-kernel", "elsewhere",
+                            f"the CUDA kernel takes {', '.join(sorted(ORT_CUDA_TYPES[node.op_type]))}; this graph gives "
+                            f"it {TensorProto.DataType.Name(got)}", target.ops_source)]
     elif target.name == "ort-cpu":
         version = facts.opsets.get(domain, facts.opsets.get("ai.onnx", 0))
-        if not any(lo <= version <= hi for lo, hi in _cpu_kernels().get((domain, node.op_type), [])):
+        kernels = [k for k in _cpu_kernels().get((domain, node.op_type), []) if k[0] <= version <= k[1]]
+        if not kernels:
             return [Finding(graph, name, node.op_type, "cpu-kernel", "rejected",
                             f"no CPU kernel for {node.op_type} at opset {version} in this onnxruntime", target.ops_source)]
+        if _half_input(node, facts) and not any(k[2] for k in kernels):
+            return [Finding(graph, name, node.op_type, "cpu-kernel", "rejected",
+                            f"no fp16 CPU kernel for {node.op_type} in this onnxruntime (an fp16 graph is for GPUs)",
+                            target.ops_source)]
     return []
 
 
@@ -226,6 +294,16 @@ def check_graph(model: onnx.ModelProto, graph: str, target_name: str, base_dir: 
     return findings
 
 
+def held_dequantized_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the INT4 weights whose fp32 scales make them fp32 tensors in TensorRT, at fp32:
+    what an engine holds if it keeps them dequantized (the int4-fp32-activations rule)."""
+    consts = {t.name: t for t in model.graph.initializer}
+    return sum(4 * int(np.prod(consts[n.input[0]].dims)) for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in consts and n.input[1] in consts
+               and consts[n.input[0]].data_type in (TensorProto.INT4, TensorProto.UINT4)
+               and consts[n.input[1]].data_type == TensorProto.FLOAT)
+
+
 def check_artifact(root: Path, manifest: dict, target_names: list[str] | None = None) -> dict:
     """{target: {"passed", "graphs": {graph: counts per verdict}, "findings": [...]}} for the
     graphs each target loads (encoder, adapter, and the decoder and prompt graph the manifest
@@ -249,6 +327,8 @@ def check_artifact(root: Path, manifest: dict, target_names: list[str] | None = 
             findings += found
         result[name] = {"passed": not any(f.verdict in ("rejected", "elsewhere") for f in findings),
                         "graphs": counts, "findings": [asdict(f) for f in findings]}
+        if target.ops is not None:
+            result[name]["held_dequantized_bytes"] = sum(held_dequantized_bytes(models[g]) for g in counts)
     return result
 
 
@@ -256,7 +336,8 @@ def recorded_checks(root: Path, manifest: dict) -> dict:
     """What export and quantize write in the manifest: per target, passed or not, and the
     findings counted per graph and per rule (`moss-edge check --json` lists each one)."""
     return {name: {"passed": r["passed"], "graphs": r["graphs"],
-                   "rules": dict(Counter(f"{f['verdict']} {f['rule']}" for f in r["findings"]))}
+                   "rules": dict(Counter(f"{f['verdict']} {f['rule']}" for f in r["findings"])),
+                   **({"held_dequantized_bytes": r["held_dequantized_bytes"]} if "held_dequantized_bytes" in r else {})}
             for name, r in check_artifact(root, manifest).items()}
 
 
@@ -284,6 +365,9 @@ def summary_lines(checks: dict, limit: int = 12) -> list[str]:
         counts = "; ".join(f"{g} " + ", ".join(f"{n} {v}" for v, n in c.items() if n) if any(c.values()) else f"{g} ok"
                            for g, c in r["graphs"].items())
         lines.append(f"{name:<15} {'PASS' if r['passed'] else 'FAIL'}  {counts}")
+        if r.get("held_dequantized_bytes"):
+            lines.append(f"    weights may be held dequantized: {r['held_dequantized_bytes'] / 2**30:.2f} GiB in fp32 "
+                         "(INT4 weights with fp32 scales; quantize with --recipe int4-trt for fp16 graphs)")
         grouped = defaultdict(list)
         for f in r["findings"]:
             grouped[(f["graph"], f["op"], f["rule"], f["verdict"])].append(f)

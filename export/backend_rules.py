@@ -58,8 +58,27 @@ ORT_CUDA_ELSEWHERE = {
     "DynamicQuantizeMatMul": "no CUDA kernel (CPU only)",
     "MatMulIntegerToFloat": "no CUDA kernel (CPU only)",
     "MatMulInteger": "the CUDA kernel takes int8 x int8 only; dynamic INT8 feeds uint8 activations",
-    "GroupQueryAttention": "the CUDA kernel takes float16 / bfloat16 only; this graph is float32",
 }
+# ...and the float types of the CUDA kernels of the ops our graphs use (their main type
+# constraint: MatMulNBits' A, DequantizeLinear's scales), from ORT_CUDA_KERNELS at
+# onnxruntime commit 001d12d2623fd411ce0f83d05abb5e82304a3389; a node given another type runs on the CPU
+_ALL = {"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE"}
+_NO_BF16 = {"FLOAT", "FLOAT16", "DOUBLE"}
+ORT_CUDA_TYPES = {
+    **{op: _ALL for op in ("Add", "Mul", "Sub", "Div", "Neg", "Sigmoid", "MatMul", "Gather", "Where", "Unsqueeze",
+                           "Reshape", "Identity", "Concat", "Slice", "Transpose", "Expand", "Softmax",
+                           "LayerNormalization", "Conv", "Gelu", "Erf", "Pow", "Sqrt", "Squeeze", "Split",
+                           "SimplifiedLayerNormalization")},
+    **{op: _NO_BF16 for op in ("Equal", "Clip", "ReduceMean", "Reciprocal", "Cos", "Sin", "LessOrEqual", "Less",
+                               "Floor")},
+    "Range": {"FLOAT", "DOUBLE"}, "DequantizeLinear": {"FLOAT", "FLOAT16"},
+    **{op: {"FLOAT", "FLOAT16", "BFLOAT16"} for op in ("MatMulNBits", "SkipSimplifiedLayerNormalization",
+                                                        "RotaryEmbedding")},
+    "GroupQueryAttention": {"FLOAT16", "BFLOAT16"},
+}
+EDGE_LLM_INT4 = ("TensorRT Edge-LLM linear layers and ModelOpt's ONNX INT4 export: fp16 activations, INT4 weight [K, N] "
+                 "with fp16 scales [K/block, N] into DequantizeLinear -> MatMul input B, deployed with "
+                 "`trtexec --fp16 --int4`; TensorRT's ONNX parser gives a DequantizeLinear the type of its scales")
 
 
 @dataclass(frozen=True)
@@ -96,6 +115,17 @@ RULES = (
     Rule("dq-4bit-weight", TRT, "DequantizeLinear", "int4_weight_unsupported", "rejected", TRT_QUANT_DOCS),
     Rule("dq-4bit-block", TRT, "DequantizeLinear", "int4_block_undocumented", "warning",
          TRT_QUANT_DOCS + "; documented block sizes 64 and 128"),
+    Rule("int4-fp32-activations", TRT, "DequantizeLinear", "int4_in_fp32", "warning",
+         EDGE_LLM_INT4 + ": fp32 scales make an fp32 weight and an fp32 GEMM, with no fused INT4 kernel documented "
+         "for it (the engine may hold the weight dequantized)"),
+    Rule("dq-mixed-types-orin", ("tensorrt-10.3",), "DequantizeLinear", "scale_type_differs", "rejected",
+         "NVIDIA/TensorRT issue 4832: on Orin (SM 8.7) the builder rejects a DequantizeLinear whose scales' type "
+         "differs from the data it multiplies (fp32 data, fp16 scales)"),
+    Rule("dq-mixed-types", ("tensorrt-10.16",), "DequantizeLinear", "scale_type_differs", "warning",
+         "NVIDIA/TensorRT issue 4832: builds on newer GPUs, rejected on Orin"),
+    Rule("int4-into-matmul-b", TRT, "DequantizeLinear", "int4_not_matmul_b", "warning", EDGE_LLM_INT4),
+    Rule("int4-weight-shape", TRT, "DequantizeLinear", "int4_shape_unfused", "warning",
+         EDGE_LLM_INT4 + "; their INT4 kernels take N even and K a multiple of the block"),
     Rule("dq-int8-weight-only", TRT, "DequantizeLinear", "int8_weight_only", "warning",
          "TensorRT 10.11 developer guide, 'Working with Quantized Types': 'TensorRT quantizes activations and "
          "weights for INT8, FP8, and FP4. Weight-only quantization is supported for INT4': an INT8 weight without "

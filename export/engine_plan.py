@@ -4,15 +4,17 @@ activations at the shape profiles' maximum, TensorRT's workspace and the runtime
 memory is shared by the CPU and the GPU, so everything counts against one total.
 
 Assumptions (none of this has run on a Jetson yet): engines keep each weight at the artifact's
-precision (the runtime builds with fp16 off); after the first build ONNX Runtime keeps no host
+precision (the runtime builds with fp16 off), INT4 weights with fp32 scales possibly at fp32; after the first build ONNX Runtime keeps no host
 copy of the weights the engine took, so that build peaks at about one more copy of them; the
 portable decoder holds its past and its grown present cache at once."""
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import onnx
+
 from moss_edge.runtime.audio import SAMPLE_RATE, clip_token_count
-from moss_edge.runtime.graphs import ORT_DECODER, PREFILL_DECODER, Dims
+from moss_edge.runtime.graphs import CUDA_DECODER, ORT_DECODER, PREFILL_DECODER, Dims
 from moss_edge.runtime.prompt import MARKER_EVERY_SECONDS
 from moss_edge.runtime.session import TRT_WORKSPACE, ShapeLimits
 
@@ -57,8 +59,13 @@ class EnginePlan:
 
 
 def artifact_plan(root: Path, manifest: dict) -> EnginePlan:
-    """The plan for an artifact on disk, at the Jetson profiles."""
-    sizes = {g: sum((root / f).stat().st_size for f in e["files"]) for g, e in manifest["graphs"].items()}
+    """The plan for an artifact on disk, at the Jetson profiles. INT4 weights with fp32 scales
+    count at fp32 as well (an engine may hold them dequantized: backend_check's int4-fp32-activations)."""
+    from moss_edge.export.backend_check import held_dequantized_bytes
+
+    sizes = {g: sum((root / f).stat().st_size for f in e["files"])
+             + held_dequantized_bytes(onnx.load(str(root / e["file"]), load_external_data=False))
+             for g, e in manifest["graphs"].items()}
     return plan(manifest, sizes, jetson_limits(Dims.from_manifest(manifest["model"])))
 
 
@@ -69,7 +76,8 @@ def plan(manifest: dict, graph_bytes: dict[str, int], limits: ShapeLimits, works
     lang, audio = manifest["config"]["language_config"], manifest["config"]["audio_config"]
     cache_type = next(i["dtype"] for i in manifest["graphs"]["decoder"]["inputs"] if i["name"] == "past_key_0")
     act = DTYPE_BYTES[next(i["dtype"] for i in manifest["graphs"]["decoder"]["inputs"] if i["name"] == "audio_embeds")]
-    weights = {g: b for g, b in graph_bytes.items() if g not in (ORT_DECODER, PREFILL_DECODER)}  # CPU-only graphs
+    # the ONNX Runtime graphs (CPU, CUDA) are not TensorRT's
+    weights = {g: b for g, b in graph_bytes.items() if g not in (ORT_DECODER, PREFILL_DECODER, CUDA_DECODER)}
     per_position = 2 * d.num_hidden_layers * d.num_key_value_heads * d.head_dim * DTYPE_BYTES[cache_type]
     kv = 2 * per_position * limits.max_context  # past in, present (past + piece) out
     piece = limits.max_prompt

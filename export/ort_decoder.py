@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from moss_edge.export.config import LanguageConfig
-from moss_edge.runtime.graphs import ORT_DECODER, Dims, cache_names
+from moss_edge.runtime.graphs import CUDA_DECODER, ORT_DECODER, Dims, cache_names
 
 MS = "com.microsoft"
 LAYER = "model.language_model.layers.{}."
@@ -76,14 +76,84 @@ class _Builder:
         return name
 
 
+def write_cuda_decoder(folder: Path, portable: onnx.ModelProto, d: Dims, lang: LanguageConfig,
+                       audio_token: int) -> onnx.ModelProto | None:
+    """folder/decoder_cuda.onnx (+ .data) beside the fp16 portable decoder: the same builder in
+    fp16, its INT4 weights repacked for MatMulNBits (ONNX Runtime CUDA has no DequantizeLinear ->
+    MatMul fusion, and its GroupQueryAttention takes fp16 only). None where GQA does not fit."""
+    from moss_edge.quantize.graph import ExternalWriter
+
+    if d.head_dim % 16:
+        return None
+    path = folder / f"{CUDA_DECODER}.onnx"
+    writer = ExternalWriter(folder / f"{path.name}.data")
+    try:
+        packed, tensors = {}, []
+        inits = {t.name: t for t in portable.graph.initializer}
+        for node in portable.graph.node:
+            data = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+            if data is None or data.data_type != TensorProto.INT4 or len(data.dims) != 2:
+                continue
+            block = next(a.i for a in node.attribute if a.name == "block_size")
+            q = unpack_int4(read_raw(data, folder), tuple(data.dims))
+            scale = np.asarray(numpy_helper.to_array(inits[node.input[1]], str(folder)), np.float16)
+            blob, scales = nbits_layout(q, scale, block)
+            weight = node.output[0]
+            tensors += [writer.tensor(f"{weight}_nbits", TensorProto.UINT8, blob.shape, blob.tobytes()),
+                        writer.tensor(f"{weight}_nbits_scale", TensorProto.FLOAT16, scales.shape, scales.tobytes())]
+            packed[weight] = (f"{weight}_nbits", f"{weight}_nbits_scale", *data.dims, block)
+    finally:
+        writer.close()
+    model = build_ort_decoder(portable, d, lang, audio_token, nbits_weights=packed)
+    model.graph.initializer.extend(tensors)
+    onnx.save(model, str(path))
+    return model
+
+
+def read_raw(init: TensorProto, root: Path) -> bytes:
+    """The stored bytes of an initializer, inline or external."""
+    if init.data_location != TensorProto.EXTERNAL:
+        return init.raw_data
+    info = {e.key: e.value for e in init.external_data}
+    with open(root / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(int(info["length"]))
+
+
+def unpack_int4(raw: bytes, shape: tuple[int, int]) -> np.ndarray:
+    """ONNX INT4 bytes (two values per byte, the first in the low nibble) -> int8 values."""
+    b = np.frombuffer(raw, np.uint8)
+    nibbles = np.stack([b & 15, b >> 4], axis=1).reshape(-1)[: shape[0] * shape[1]].astype(np.int8)
+    return np.where(nibbles > 7, nibbles - 16, nibbles).reshape(shape)
+
+
+def nbits_layout(q: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """A symmetric INT4 weight q [K, N] with scales [K/block, N] in MatMulNBits' layout: per
+    output column, each block's values as unsigned nibbles (q + 8: the default zero point is 8),
+    [N, blocks, block/2] bytes, and the scales [N, blocks]."""
+    k, n = q.shape
+    blocks = -(-k // block)
+    u = np.full((n, blocks * block), 8, np.uint8)  # rows past K (the last block's padding) are zeros
+    u[:, :k] = (q.T + 8).astype(np.uint8)
+    u = u.reshape(n, blocks, block // 2, 2)
+    return np.ascontiguousarray(u[..., 0] | (u[..., 1] << 4)), np.ascontiguousarray(scale.T)
+
+
 def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, audio_token: int,
-                      integer_weights: dict[str, tuple[str, str]] | None = None) -> onnx.ModelProto:
+                      integer_weights: dict[str, tuple[str, str]] | None = None,
+                      nbits_weights: dict[str, tuple[str, str, int, int, int]] | None = None) -> onnx.ModelProto:
     """The contrib-op decoder reading the weights of `portable` (parsed without external data).
 
     integer_weights (layer weight -> its INT8 [K, N] and per-column scale initializers) makes the
     prompt graph instead (decoder_prefill): the same inputs and outputs, those layer MatMuls on
     ONNX Runtime's integer GEMM with activations quantized per row at run time, the others (the
-    lm_head, weights a recipe keeps more precise) as in `portable`."""
+    lm_head, weights a recipe keeps more precise) as in `portable`.
+
+    nbits_weights (weight -> its MatMulNBits blob and scales, K, N, block) makes the GPU decoder
+    (decoder_cuda) from an fp16 `portable`: fp16 inputs, cache and activations, those weights
+    run by MatMulNBits, the logits cast to fp32."""
+    half = nbits_weights is not None
+    float_type = TensorProto.FLOAT16 if half else TensorProto.FLOAT
     rms_eps = lang.rms_norm_eps
     g = portable.graph
     audio_where = next(n for n in g.node if n.op_type == "Where" and "audio_embeds" in n.input)
@@ -106,6 +176,9 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
             return integer_matmul(x, *integer_weights[w])
         if f"{w}_input_scale" in initializers:
             x = b.op("Mul", [x, f"{w}_input_scale"])[0]
+        if w in (nbits_weights or {}):
+            blob, scales, k, n, block = nbits_weights[w]
+            return b.op("MatMulNBits", [x, blob, scales], domain=MS, K=k, N=n, bits=4, block_size=block)[0]
         return b.op("MatMul", [x, w])[0]
 
     def integer_matmul(x: str, wq: str, w_scale: str) -> str:
@@ -123,9 +196,9 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
         product = b.op("MatMulIntegerToFloat", [rows, wq, unit_scale, w_scale, centre], domain=MS)[0]
         return b.op("Mul", [product, scale])[0]
 
-    cos, sin = _rope_caches(d, lang.rope_theta)
-    b.const("rope_cos", cos)
-    b.const("rope_sin", sin)
+    cos, sin = _rope_caches(d, lang.rope_theta)  # computed in fp32 (float64 here), stored in the graph's type once
+    b.const("rope_cos", cos.astype(np.float16) if half else cos)
+    b.const("rope_sin", sin.astype(np.float16) if half else sin)
     audio_id = b.const("audio_token_id", np.array(audio_token, np.int64))
     axis_last = b.const("axis_last", np.array([-1], np.int64))
     heads_shape = b.const("q_heads_shape", np.array([0, 0, -1, d.head_dim], np.int64))
@@ -177,24 +250,26 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
             x = b.op("Add", [x, last_position(injected) if final else injected])[0]
     last = b.op("Gather", [x, last_index], axis=1)[0]  # [1, 1, H] -> [1, H]
     normed = b.op("SimplifiedLayerNormalization", [last, final_norm], axis=-1, epsilon=rms_eps)[0]
-    b.nodes.append(helper.make_node("Identity", [matmul(normed, lm_head)], ["logits"], name="logits"))
+    b.nodes.append(helper.make_node("Cast" if half else "Identity", [matmul(normed, lm_head)], ["logits"], name="logits",
+                                    **({"to": TensorProto.FLOAT} if half else {})))
 
     h, kv = d.hidden_size, d.num_key_value_heads
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"]),
-              helper.make_tensor_value_info("audio_embeds", TensorProto.FLOAT, [1, "seq", h]),
-              helper.make_tensor_value_info("deepstack_embeds", TensorProto.FLOAT, [d.num_deepstack, 1, "seq", h]),
-              *[helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, kv, "capacity", d.head_dim])
+              helper.make_tensor_value_info("audio_embeds", float_type, [1, "seq", h]),
+              helper.make_tensor_value_info("deepstack_embeds", float_type, [d.num_deepstack, 1, "seq", h]),
+              *[helper.make_tensor_value_info(n, float_type, [1, kv, "capacity", d.head_dim])
                 for n in cache_names(d, "past")],
               helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, d.vocab_size]),
-               *[helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, kv, "capacity", d.head_dim])
+               *[helper.make_tensor_value_info(n, float_type, [1, kv, "capacity", d.head_dim])
                  for n in cache_names(d, "present")]]
     # the nodes that make the weights used (DequantizeLinear, the table's gather), copied as they are
     made_here = {o for n in b.nodes for o in n.output}
     copied = _producers(g, sorted({i for n in b.nodes for i in n.input} - made_here))
     used = {i for n in [*copied, *b.nodes] for i in n.input}
-    graph = helper.make_graph([*copied, *b.nodes], "moss_audio_decoder_prefill" if integer_weights else "moss_audio_decoder_ort",
+    name = "moss_audio_decoder_prefill" if integer_weights else "moss_audio_decoder_cuda" if half else "moss_audio_decoder_ort"
+    graph = helper.make_graph([*copied, *b.nodes], name,
                               inputs, outputs, [t for t in g.initializer if t.name in used] + b.consts)
     opsets = [helper.make_opsetid("", max(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx"))),
               helper.make_opsetid(MS, 1)]

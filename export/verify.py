@@ -2,6 +2,7 @@
 
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,14 @@ from moss_edge.export.checkpoint import checkpoint_hash, load_model, reference_b
 from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
 from moss_edge.export.reference import ReferencePipeline
+from moss_edge.quantize.half_emulation import cpu_view, fp16_graphs
 from moss_edge.runtime.audio import load_audio
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.generation import generate_tokens
-from moss_edge.runtime.graphs import ORT_DECODER, PREFILL_DECODER
+from moss_edge.runtime.graphs import CUDA_DECODER, ORT_DECODER, PREFILL_DECODER
 from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.pipeline import ParityWarning, Pipeline
-from moss_edge.runtime.session import available_memory
+from moss_edge.runtime.session import available_memory, run_typed
 from moss_edge.runtime.sampling import SamplingOptions
 
 # Per precision: worst graph-output cosine, relative error (fp32 only), mean / max KL of the
@@ -148,6 +150,19 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
     if not isinstance(reference, MossAudio):
         check_reference(artifact_dir, reference)
         reference = reference_model(reference, artifact_dir)
+    # fp16 graphs on the CPU provider, which has no fp16 kernels for them: their fp32 twins, each
+    # value rounded to fp16 where it is made (quantize/half_emulation.py)
+    with cpu_view(artifact_dir) if provider == "cpu" else nullcontext(Path(artifact_dir)) as path:
+        report = _verify(path, reference, audio, prompt, steps, provider, evaluate)
+        report["artifact"] = str(artifact_dir)
+        emulated = fp16_graphs(report.pop("manifest"))
+        if provider == "cpu" and emulated:
+            report["emulated"] = {"graphs": emulated, "how": "fp16 graphs run on fp32 kernels, each fp16 value "
+                                  "rounded to fp16 where it is made (no fp16 kernels on this provider)"}
+    return report
+
+
+def _verify(artifact_dir: Path, reference: MossAudio, audio, prompt, steps: int, provider: str, evaluate) -> dict:
     with warnings.catch_warnings():  # checking again an artifact that failed: the report says so itself
         warnings.simplefilter("ignore", ParityWarning)
         # export/quantize verify before finishing; the decoders are loaded one at a time below
@@ -161,7 +176,7 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
     art_audio = pipe.encode(waveforms)
     prompt_ids = pipe.prompt_ids(prompt, art_audio.clip_tokens)
 
-    adapter_embeds, adapter_deepstack = pipe.adapter.run(None, {"audio_tokens": ref_audio.tokens, "taps": ref_audio.taps})
+    adapter_embeds, adapter_deepstack = run_typed(pipe.adapter, {"audio_tokens": ref_audio.tokens, "taps": ref_audio.taps})
     graphs = {
         "encoder": {"audio_tokens": compare(art_audio.tokens, ref_audio.tokens), "taps": compare(art_audio.taps, ref_audio.taps)},
         "adapter": {"audio_embeds": compare(adapter_embeds, ref_audio.embeds),
@@ -172,7 +187,7 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
     # loaded at a time (at 4B each holds ~2 GB of weights).
     # and the prompt graph (decoder_prefill, prompts on the integer GEMM) with decoder_ort's tokens
     per_decoder = {}
-    names = [pipe.decoder_graph, *(n for n in ("decoder", ORT_DECODER)
+    names = [pipe.decoder_graph, *(n for n in ("decoder", ORT_DECODER, CUDA_DECODER)
                                    if n in pipe.artifact.manifest["graphs"] and n != pipe.decoder_graph)]
     if pipe.artifact.manifest.get("prefill", {}).get("cpu") == PREFILL_DECODER and ORT_DECODER in names:
         names.append(PREFILL_DECODER)
@@ -186,7 +201,9 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
         per_decoder[name] = _decode_steps(runner, prompt_ids, art_audio, ref_tokens, ref_logits, steps)
         del runner
     classes = {"int8-dynamic": "int8", "w8a8": "int8"}
-    precision = max((classes.get(g["precision"], g["precision"]) for g in pipe.artifact.manifest["graphs"].values()),
+    half = set(fp16_graphs(pipe.artifact.manifest))  # an fp32-weight graph computing in fp16 is held to fp16's gates
+    precision = max((classes.get(g["precision"], "fp16" if name in half and g["precision"] == "fp32" else g["precision"])
+                     for name, g in pipe.artifact.manifest["graphs"].items()),
                     key=ORDER.index)
     limits = THRESHOLDS[precision]
     per_step, end_to_end = per_decoder[pipe.decoder_graph]
@@ -201,7 +218,8 @@ def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path,
                "kl_mean": end_to_end["kl_mean"], "top1_agreement": end_to_end["top1_agreement"],
                "top1_decided": end_to_end["top1_decided"],
                "greedy_match": end_to_end["greedy_match"], "failures": failures}
-    report = {"artifact": str(artifact_dir), "audio": [str(a) for a in audio], "prompt_tokens": len(prompt_ids),
+    report = {"artifact": str(artifact_dir), "manifest": pipe.artifact.manifest, "audio": [str(a) for a in audio],
+              "prompt_tokens": len(prompt_ids),
               "reference": "fp32 PyTorch, " + ("one piece at a time from the shards" if getattr(reference, "piecewise", False)
                                                 else "whole model in memory"),
               "graphs": graphs, "steps": per_step, "end_to_end": end_to_end,

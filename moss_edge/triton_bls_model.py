@@ -29,9 +29,8 @@ class TritonPythonModel:
         self.dims = Dims.from_manifest(manifest["model"])
         self.ids = TokenIds(**manifest["token_ids"])
         self.tokenizer = TextTokenizer.from_dir(root) if manifest.get("tokenizer_files") else None
-        cache = next(i["dtype"] for i in manifest["graphs"]["decoder"]["inputs"] if i["name"] == "past_key_0")
         self.outputs = {g: [t.name for t in graph_spec(g, self.dims).outputs] for g in MODELS}
-        self.model = GraphPipeline(self._call, self.dims, self.ids, np.float16 if cache == "float16" else np.float32)
+        self.model = GraphPipeline(self._call, self.dims, self.ids, GraphPipeline.float_inputs_of(manifest))
 
     def _call(self, graph: str, feeds: dict) -> dict:
         request = pb_utils.InferenceRequest(model_name=MODELS[graph], requested_output_names=self.outputs[graph],

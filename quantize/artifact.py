@@ -19,9 +19,11 @@ from moss_edge.calibration.activations import activation_ranges, decoder_input_s
 from moss_edge.calibration.dataset import build_samples, find_audio
 from moss_edge.export.backend_check import deployment_entries
 from moss_edge.export.config import load_config, parse_config
-from moss_edge.export.ort_decoder import write_ort_decoder
+from moss_edge.export.ort_decoder import write_cuda_decoder, write_ort_decoder
 from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
 from moss_edge.quantize.dynamic_int8 import quantize_dynamic_int8
+from moss_edge.quantize.half import ENCODER_CLAMP, half_plan
+from moss_edge.quantize.half_emulation import encoder_headroom
 from moss_edge.quantize.graph import WeightRule, half_precision_cache, quantize_weights, weight_sensitivity
 from moss_edge.quantize.kernels import cpu_kernels
 from moss_edge.quantize.plan import GraphPlan, higher_precision_weights, plan_graph
@@ -30,7 +32,7 @@ from moss_edge.quantize.prefill import write_prefill_decoder
 from moss_edge.quantize.recipe import Recipe
 from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.errors import MossEdgeError
-from moss_edge.runtime.graphs import ORT_DECODER, PREFILL_DECODER
+from moss_edge.runtime.graphs import CUDA_DECODER, ORT_DECODER, PREFILL_DECODER
 
 
 @dataclass
@@ -46,7 +48,8 @@ class WrittenGraph:
     weights: dict = field(default_factory=dict)  # weight-only: initializer -> rule applied
     dynamic_int8: dict | None = None  # the dynamic INT8 format record
     promoted: dict[str, float] = field(default_factory=dict)  # weight kept one step more precise -> its weighted error
-    ort_variant: onnx.ModelProto | None = None  # the decoder's contrib-op twin (decoder_ort.onnx), same weights
+    ort_variant: onnx.ModelProto | None = None  # the decoder's contrib-op twin (decoder_ort.onnx, or decoder_cuda.onnx)
+    ort_provider: str = "cpu"  # the provider that runs it
     prefill: tuple[onnx.ModelProto, dict] | None = None  # the prompt graph (decoder_prefill.onnx) and its format
 
 
@@ -96,8 +99,9 @@ def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration
     for old in tmp.glob(f"{p.name}*.onnx*"):  # an earlier keep-until-pass round (decoder_ort.onnx with the decoder)
         old.unlink()
     written = WrittenGraph(precision, onnx.ModelProto(), promoted=dict(promoted or {}))
-    if precision == "fp32" and p.in_checkpoint:
-        quantize_weights(p.model, p.read, dst, {})  # the weights as they are, read from the shards
+    half = half_plan(p.model, clamp_residual=p.name == "encoder") if p.recipe.dtype == "fp16" else None
+    if precision == "fp32" and (p.in_checkpoint or half is not None):
+        quantize_weights(p.model, p.read, dst, {}, half=half)  # the weights as they are (or in fp16), read once
     elif precision == "fp32":
         for f in src.manifest["graphs"][p.name]["files"]:
             shutil.copy(src.root / f, tmp / f)
@@ -107,12 +111,15 @@ def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration
         rules = promote(p.rules, list(written.promoted))
         written.weights = quantize_weights(p.model, p.read, dst, rules,
                                            calibration.decoder_stats if p.name == "decoder" else None,
-                                           calibration.activation_scales.get(p.name))
-    if p.name == "decoder" and p.recipe.kv_cache == "fp16":
+                                           calibration.activation_scales.get(p.name), half)
+    if p.name == "decoder" and p.recipe.kv_cache == "fp16" and half is None:
         half_precision_cache(dst)
     written.proto = onnx.load(str(dst), load_external_data=False)
-    if p.name == "decoder":
-        language = parse_config(src.manifest["config"]).language
+    language = parse_config(src.manifest["config"]).language
+    if p.name == "decoder" and half is not None:
+        written.ort_variant = write_cuda_decoder(tmp, written.proto, src.dims, language, src.token_ids.audio_token)
+        written.ort_provider = "cuda"
+    elif p.name == "decoder":
         written.ort_variant = write_ort_decoder(tmp, written.proto, src.dims, language, src.token_ids.audio_token)
         if p.recipe.prefill == "int8" and written.ort_variant is not None:
             written.prefill = write_prefill_decoder(tmp, p, written.proto, src.dims, language, src.token_ids.audio_token)
@@ -141,17 +148,19 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
     manifest["graphs"] = {name: graph_entry(tmp, name, w.precision, w.proto, hashed) for name, w in written.items()}
     manifest.pop("decoders", None)
     manifest.pop("prefill", None)
-    if written["decoder"].ort_variant is not None:
-        manifest["graphs"][ORT_DECODER] = graph_entry(tmp, ORT_DECODER, written["decoder"].precision,
-                                                      written["decoder"].ort_variant, hashed)
-        manifest["decoders"] = {"cpu": ORT_DECODER}
+    decoder = written["decoder"]
+    if decoder.ort_variant is not None:
+        name = {"cpu": ORT_DECODER, "cuda": CUDA_DECODER}[decoder.ort_provider]
+        manifest["graphs"][name] = graph_entry(tmp, name, decoder.precision, decoder.ort_variant, hashed)
+        manifest["decoders"] = {decoder.ort_provider: name}
     if written["decoder"].prefill is not None:
         manifest["graphs"][PREFILL_DECODER] = graph_entry(tmp, PREFILL_DECODER, "int8-dynamic", written["decoder"].prefill[0],
                                                           hashed)
         manifest["prefill"] = {"cpu": PREFILL_DECODER}
     manifest.pop("engine_plan", None)
     manifest.update(deployment_entries(tmp, manifest))
-    kernels = {name: cpu_kernels(tmp / f"{name}.onnx") for name, e in manifest["graphs"].items() if e["precision"] != "fp32"}
+    kernels = {name: cpu_kernels(tmp / f"{name}.onnx") for name, e in manifest["graphs"].items()
+               if e["precision"] != "fp32" and recipe.graphs.get(name, recipe.graphs["decoder"]).dtype == "fp32"}
     unfused = {g: k["dequantized_weights"] for g, k in kernels.items() if k["dequantized_weights"]}
     if unfused:
         log(f"warning: ONNX Runtime CPU left DequantizeLinear unfused in {unfused}: those weights run dequantized")
@@ -166,6 +175,9 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
             for name, w in written.items()},
         "weights": {name: w.weights for name, w in quantized.items()}, "ort_cpu_kernels": kernels,
         "weight_bytes": {name: weight_bytes(w.proto) for name, w in quantized.items()}}
+    if recipe.graphs["encoder"].dtype == "fp16":  # how close the fp16 encoder comes to fp16's largest value
+        manifest["quantization"]["fp16_headroom"] = {"encoder": encoder_headroom(tmp / "encoder.onnx", src.dims.chunk_frames)
+                                                     | {"clamp": ENCODER_CLAMP}}
     promoted = {n: e for w in written.values() for n, e in w.promoted.items()}
     if promoted:
         manifest["quantization"]["kept_more_precise"] = promoted

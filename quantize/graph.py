@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from moss_edge.quantize.half import HalfPlan, to_half
 from moss_edge.quantize.weights import awq_quantize, dequantize_blocked, pack_int4, quantize_blocked, search_clip
 from moss_edge.runtime.artifact import inside
 
@@ -69,8 +70,10 @@ class ExternalWriter:
         self.file.close()
 
 
-def _quantized(name: str, w: np.ndarray, rule: WeightRule, stats: dict | None, axis: int, writer: ExternalWriter):
-    """Initializers and nodes replacing weight `name`; axis is the input (blocked) dimension."""
+def _quantized(name: str, w: np.ndarray, rule: WeightRule, stats: dict | None, axis: int, writer: ExternalWriter,
+               scale_type: int = TensorProto.FLOAT):
+    """Initializers and nodes replacing weight `name`; axis is the input (blocked) dimension.
+    scale_type: the scales' type, which is also the dequantized weight's (fp16 in an fp16 graph)."""
     mat = w if axis == 0 else w.T  # quantize_blocked blocks along rows
     if rule.per_channel:
         rule = WeightRule(rule.bits, mat.shape[0], rule.method, True)
@@ -89,7 +92,8 @@ def _quantized(name: str, w: np.ndarray, rule: WeightRule, stats: dict | None, a
     raw = pack_int4(q) if rule.bits == 4 else q.astype(np.int8).tobytes()
     data_type = TensorProto.INT4 if rule.bits == 4 else TensorProto.INT8
     inits = [writer.tensor(f"{name}_q{rule.bits}", data_type, q.shape, raw),
-             writer.tensor(f"{name}_scale", TensorProto.FLOAT, scale.shape, np.ascontiguousarray(scale).tobytes())]
+             writer.tensor(f"{name}_scale", scale_type, scale.shape,
+                           np.ascontiguousarray(scale, NP_TYPES[scale_type]).tobytes())]
     blocking = {} if rule.per_channel else {"block_size": rule.block}
     node = helper.make_node("DequantizeLinear", [f"{name}_q{rule.bits}", f"{name}_scale"], [name],
                             name=f"{name}_dequantize", axis=1 - axis if rule.per_channel else axis, **blocking)
@@ -120,10 +124,10 @@ class Rewrite:
 
 
 @contextmanager
-def rewriting(model: onnx.ModelProto, dst: Path):
+def rewriting(model: onnx.ModelProto, dst: Path, half: HalfPlan | None = None):
     """Rewrite `model` (changed in place) into dst and dst.data: yields the Rewrite and each
-    tensor's consuming nodes; on success the edits are applied and dst is written (dst.data
-    only if a tensor went into it)."""
+    tensor's consuming nodes; on success the edits are applied (then the fp16 form, given its
+    plan) and dst is written (dst.data only if a tensor went into it)."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for i in node.input:
@@ -134,6 +138,8 @@ def rewriting(model: onnx.ModelProto, dst: Path):
     finally:
         rw.writer.close()
     rw.apply(model.graph)
+    if half is not None:
+        to_half(model, half)
     onnx.save(model, str(dst))
     if rw.writer.offset == 0:
         rw.writer.path.unlink()
@@ -158,10 +164,13 @@ def gathered_table(rw: Rewrite, users: list[onnx.NodeProto], inits: list[TensorP
         rw.removed.add(id(user))
 
 
-def half_table(rw: Rewrite, name: str, users: list[onnx.NodeProto], value: np.ndarray) -> None:
-    """Embedding table in fp16 (TensorRT gathers no INT8 table): gather the rows, cast them to fp32."""
+def half_table(rw: Rewrite, name: str, users: list[onnx.NodeProto], value: np.ndarray, fp16_graph: bool) -> None:
+    """Embedding table in fp16 (TensorRT gathers no INT8 table): gather the rows, cast them to
+    fp32 unless the graph computes in fp16."""
     rw.initializers.append(rw.writer.tensor(name, TensorProto.FLOAT16, value.shape,
                                             np.ascontiguousarray(value, np.float16).tobytes()))
+    if fp16_graph:
+        return
     for user in users:
         rw.insert_before(user, helper.make_node("Gather", [name, user.input[1]], [f"{user.name}_rows_fp16"],
                                                 name=f"{user.name}_fp16"),
@@ -170,10 +179,10 @@ def half_table(rw: Rewrite, name: str, users: list[onnx.NodeProto], value: np.nd
         rw.removed.add(id(user))
 
 
-def scaled_inputs(rw: Rewrite, name: str, users: list[onnx.NodeProto], input_scale: np.ndarray) -> None:
+def scaled_inputs(rw: Rewrite, name: str, users: list[onnx.NodeProto], input_scale: np.ndarray, float_type: int) -> None:
     """AWQ: x @ W == (x / s) @ (s W): divide the input, once per consumer."""
-    inv = rw.writer.tensor(f"{name}_input_scale", TensorProto.FLOAT, input_scale.shape,
-                           (1.0 / input_scale).astype(np.float32).tobytes())
+    inv = rw.writer.tensor(f"{name}_input_scale", float_type, input_scale.shape,
+                           (1.0 / input_scale).astype(NP_TYPES[float_type]).tobytes())
     rw.initializers.append(inv)
     for user in users:
         scaled = f"{name}_scaled_input"
@@ -181,7 +190,8 @@ def scaled_inputs(rw: Rewrite, name: str, users: list[onnx.NodeProto], input_sca
         user.input[0] = scaled
 
 
-def quantized_activations(rw: Rewrite, name: str, users: list[onnx.NodeProto], scales: dict[str, float]) -> bool:
+def quantized_activations(rw: Rewrite, name: str, users: list[onnx.NodeProto], scales: dict[str, float],
+                          float_type: int) -> bool:
     """W8A8: a symmetric INT8 QuantizeLinear/DequantizeLinear pair in front of each MatMul whose
     input has a calibrated scale (a weight can feed several MatMuls: out_proj, taps and output)."""
     done = False
@@ -189,7 +199,7 @@ def quantized_activations(rw: Rewrite, name: str, users: list[onnx.NodeProto], s
         act = user.input[0]
         if user.op_type != "MatMul" or act not in scales:
             continue
-        scale = rw.writer.tensor(f"{name}_act_scale{use}", TensorProto.FLOAT, [], np.float32(scales[act]).tobytes())
+        scale = rw.writer.tensor(f"{name}_act_scale{use}", float_type, [], NP_TYPES[float_type](scales[act]).tobytes())
         zero = rw.writer.tensor(f"{name}_act_zero{use}", TensorProto.INT8, [], np.int8(0).tobytes())
         rw.initializers += [scale, zero]
         q, dq = f"{name}_act_q{use}", f"{name}_act_dq{use}"
@@ -202,26 +212,32 @@ def quantized_activations(rw: Rewrite, name: str, users: list[onnx.NodeProto], s
 
 def quantize_weights(model: onnx.ModelProto, read: Callable[[TensorProto], np.ndarray], dst: Path,
                      plan: dict[str, WeightRule], stats: dict[str, dict] | None = None,
-                     activation_scales: dict[str, float] | None = None) -> dict:
+                     activation_scales: dict[str, float] | None = None, half: HalfPlan | None = None) -> dict:
     """Write dst (+ dst.data) from the fp32 graph `model` (parsed without external data; read
     gives each initializer's value; the proto is not changed) with the initializers in `plan`
     quantized. An empty plan writes the graph with every weight as it is.
 
     stats maps a MatMul input tensor name to {"sq": E[x^2], "abs": E[|x|]} per input channel,
     for the data-aware methods. activation_scales (W8A8) maps a MatMul input to the scale of its
-    INT8 activations. Returns {initializer: {"bits", "block", "method", "awq", "activations"}}."""
+    INT8 activations. half (the fp16 form's plan, made on `model`): the graph is written in fp16,
+    its float initializers, scales included, in fp16 unless the plan keeps them fp32.
+    Returns {initializer: {"bits", "block", "method", "awq", "activations"}}."""
     model, done = onnx.ModelProto.FromString(model.SerializeToString()), {}
-    with rewriting(model, dst) as (rw, consumers):
+    float_type = TensorProto.FLOAT if half is None else TensorProto.FLOAT16
+    with rewriting(model, dst, half) as (rw, consumers):
         for init in model.graph.initializer:
             value = read(init)
             rule = plan.get(init.name)
             if rule is None:
-                rw.initializers.append(rw.writer.tensor(init.name, init.data_type, init.dims,
-                                                        np.ascontiguousarray(value).tobytes()))
+                data_type = init.data_type
+                if half is not None and data_type == TensorProto.FLOAT and init.name not in half.fp32_initializers:
+                    data_type = TensorProto.FLOAT16
+                rw.initializers.append(rw.writer.tensor(init.name, data_type, init.dims,
+                                                        np.ascontiguousarray(value, NP_TYPES[data_type]).tobytes()))
                 continue
             users = consumers.get(init.name, [])
             if rule.bits == 16:
-                half_table(rw, init.name, users, np.asarray(value, np.float32))
+                half_table(rw, init.name, users, np.asarray(value, np.float32), half is not None)
                 done[init.name] = {"bits": 16, "block": None, "method": "fp16", "awq": False, "activations": False}
                 continue
             # MatMul(X, W[K, N]) blocks along K (axis 0); Gather(W[V, H], ids) along H (axis 1)
@@ -229,15 +245,16 @@ def quantize_weights(model: onnx.ModelProto, read: Callable[[TensorProto], np.nd
             matmul_input = next((u.input[0] for u in users if u.op_type == "MatMul"), None)
             layer_stats = stats.get(matmul_input) if stats and matmul_input else None
             inits, dq, input_scale = _quantized(init.name, np.asarray(value, np.float32), rule, layer_stats,
-                                                1 if table else 0, rw.writer)
+                                                1 if table else 0, rw.writer, float_type)
             rw.initializers += inits
             if table:
                 gathered_table(rw, users, inits, rule.block)
             else:
                 dequantized_weight(rw, dq)
             if input_scale is not None:
-                scaled_inputs(rw, init.name, users, input_scale)
-            activations = quantized_activations(rw, init.name, users, activation_scales) if activation_scales else False
+                scaled_inputs(rw, init.name, users, input_scale, float_type)
+            activations = (quantized_activations(rw, init.name, users, activation_scales, float_type)
+                           if activation_scales else False)
             done[init.name] = {"bits": rule.bits, "block": rule.block, "method": rule.method,
                                "awq": input_scale is not None, "activations": activations}
     return done

@@ -47,6 +47,11 @@ def weight_precision(name: str, op: str, dims: list[int], recipe: GraphRecipe) -
         return "fp32", f"the recipe keeps weights matching {pattern!r}"
     if precision in ("fp32", "fp16"):
         return precision, f"{why} is {precision}"
+    if precision == "int4" and recipe.dtype == "fp16" and op == "MatMul":
+        k, n = dims
+        if n % 2 or (k > recipe.block and k % recipe.block):
+            return "fp16", (f"[{k}, {n}]: the GPU INT4 kernels (TensorRT, ONNX Runtime CUDA) take N even and K a "
+                            f"multiple of the block ({recipe.block})")
     return precision, ""
 
 
@@ -91,7 +96,8 @@ def plan_graph(path: Path, name: str, recipe: GraphRecipe, checkpoint: Path | No
     rules = {}
     for weight, (op, dims) in _weights(model).items():
         precision, _ = weight_precision(weight, op, dims, recipe)
-        if precision == "fp32" or recipe.precision == "int8-dynamic":
+        # a MatMul weight kept fp16 stays a plain initializer (an fp16 graph stores it in fp16)
+        if precision == "fp32" or (precision == "fp16" and op == "MatMul") or recipe.precision == "int8-dynamic":
             continue
         table = "lm_head" in weight or op == "Gather"
         rules[weight] = WeightRule(BITS[precision], recipe.block, "rtn" if table else recipe.method,

@@ -20,6 +20,7 @@ class GraphRecipe:
     block: int = 128  # input rows per scale (TensorRT takes 64 or 128 for INT4)
     lm_head: str = "int8"  # decoder only
     embedding: str = "int8"  # decoder only
+    dtype: str = "fp32"  # activations: fp32 (ONNX Runtime CPU) or fp16 (GPUs: TensorRT, ONNX Runtime CUDA; quantize/half.py)
     kv_cache: str = "fp32"  # decoder only: the portable decoder's cache inputs/outputs (fp16 halves them on a GPU)
     prefill: str = "none"  # decoder only: "int8" adds the prompt graph on the CPU's integer GEMM (quantize/prefill.py)
     keep: list[str] = field(default_factory=list)  # weight-name fragments kept in fp32
@@ -43,6 +44,15 @@ class GraphRecipe:
         # INT8 table at all, and takes fp16
         if self.embedding not in EMBEDDING_PRECISIONS:
             raise MossEdgeError(f"{graph}: embedding {self.embedding!r} must be one of {', '.join(EMBEDDING_PRECISIONS)}")
+        if self.dtype not in ("fp32", "fp16"):
+            raise MossEdgeError(f"{graph}: dtype {self.dtype!r} must be fp32 (CPU) or fp16 (GPU)")
+        if self.dtype == "fp16" and self.precision == "int8-dynamic":
+            raise MossEdgeError(f"{graph}: dynamic INT8 is a CPU format and computes in fp32; use int4, int8 or w8a8 "
+                                "with dtype fp16")
+        if self.dtype == "fp16" and graph == "decoder" and (self.kv_cache != "fp16" or self.embedding == "fp32"
+                                                            or self.prefill != "none"):
+            raise MossEdgeError("decoder: an fp16 decoder keeps its KV cache in fp16 (kv_cache fp16), its table in "
+                                "fp16 or int8 (not fp32), and has no CPU prompt graph (prefill none)")
         if self.kv_cache not in ("fp32", "fp16"):
             raise MossEdgeError(f"{graph}: kv_cache {self.kv_cache!r} must be fp32 or fp16")
         if self.kv_cache != "fp32" and graph != "decoder":
@@ -90,15 +100,20 @@ PRESETS = {
     # the same with activation-aware scaling and clipping from the calibration set
     "int4-awq": lambda: _preset("int4-awq", "int8-dynamic", "int8-dynamic",
                                 GraphRecipe("int4", method="awq", block=128, prefill="int8")),
-    # Jetson / TensorRT: every weight in TensorRT's documented weight-only mode, INT4 blocked by
-    # 128 (TensorRT 10 quantizes INT8 only with its activations), the embedding table fp16
-    # (TensorRT gathers no quantized table); runs on CUDA and CPU as well
-    "int4-trt": lambda: _preset("int4-trt", "int4", "int4", GraphRecipe("int4", method="awq", block=128, lm_head="int4",
-                                                                         embedding="fp16", kv_cache="fp16")),
+    # Jetson / TensorRT and ONNX Runtime CUDA, in the form NVIDIA's toolchains take: fp16
+    # activations, every weight INT4 weight-only blocked by 128 with fp16 scales (TensorRT 10
+    # quantizes INT8 only with its activations), the embedding table and KV cache fp16
+    # (TensorRT gathers no quantized table); README, "GPU graphs"
+    "int4-trt": lambda: _gpu_preset("int4-trt", "int4"),
     # TensorRT INT8 tensor cores: encoder and adapter with calibrated INT8 activations (static QDQ)
-    "w8a8": lambda: _preset("w8a8", "w8a8", "w8a8", GraphRecipe("int4", method="awq", block=128, lm_head="int4",
-                                                                 embedding="fp16", kv_cache="fp16")),
+    "w8a8": lambda: _gpu_preset("w8a8", "w8a8"),
 }
+
+
+def _gpu_preset(name: str, audio_precision: str) -> Recipe:
+    return Recipe(name, {g: GraphRecipe(audio_precision, dtype="fp16") for g in ("encoder", "adapter")}
+                  | {"decoder": GraphRecipe("int4", method="awq", block=128, lm_head="int4", embedding="fp16",
+                                            kv_cache="fp16", dtype="fp16")})
 
 
 def load_recipe(spec: str) -> Recipe:
@@ -131,6 +146,8 @@ def load_recipe(spec: str) -> Recipe:
             if unknown:
                 raise MossEdgeError(f"recipe {path}, {g}: unknown key(s) {', '.join(sorted(unknown))}; a graph takes "
                                     f"{', '.join(GraphRecipe.__dataclass_fields__)}")
+            if spec.get("dtype") == "fp16" and g == "decoder":
+                spec = {"kv_cache": "fp16", **spec}  # an fp16 decoder's cache is fp16 unless the file says otherwise
             graphs[g] = GraphRecipe(**spec)
         samples = raw.get("calibration_samples", 12)
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:

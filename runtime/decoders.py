@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 import onnxruntime as ort
 
-from moss_edge.runtime.graphs import ORT_DECODER, Dims, buffered_decoder_feeds, cache_names, decoder_feeds, empty_cache
+from moss_edge.runtime.graphs import CUDA_DECODER, ORT_DECODER, Dims, buffered_decoder_feeds, cache_names, decoder_feeds, empty_cache
 from moss_edge.runtime.session import ShapeLimits, shrinking_arena
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -129,9 +129,12 @@ class BufferedDecoderRunner(_Runner):
     PROMPT_PIECE = 256
 
     def __init__(self, session, dims: Dims, prefill_chunk: int = ShapeLimits.max_prompt, prompt_session=None):
-        super().__init__(session, dims, prefill_chunk, np.float32)
+        types = {i.name: i.type for i in session.get_inputs()}
+        super().__init__(session, dims, prefill_chunk, np.float16 if "float16" in types["audio_embeds"] else np.float32)
         self.prompt_session = prompt_session
         self.buffers: list[ort.OrtValue] = []
+        # the cache lives where the session runs (decoder_cuda's on the GPU, in fp16)
+        self.device = "cuda" if session.get_providers()[0] in GPU_PROVIDERS else "cpu"
 
     def _reserve(self, needed: int) -> None:
         capacity = self.buffers[0].shape()[2] if self.buffers else 0
@@ -141,10 +144,10 @@ class BufferedDecoderRunner(_Runner):
         shape = (1, self.dims.num_key_value_heads, capacity, self.dims.head_dim)
         grown = []
         for old in self.buffers or [None] * (2 * self.dims.num_hidden_layers):
-            values = np.zeros(shape, np.float32)
+            values = np.zeros(shape, self.embed_dtype)
             if old is not None and self.length:
                 values[:, :, : self.length] = old.numpy()[:, :, : self.length]
-            grown.append(ort.OrtValue.ortvalue_from_numpy(values))
+            grown.append(ort.OrtValue.ortvalue_from_numpy(values, self.device))
         self.buffers = grown
 
     def _run(self, ids: np.ndarray, audio: np.ndarray, deepstack: np.ndarray,
@@ -176,8 +179,8 @@ class BufferedDecoderRunner(_Runner):
 
 
 def decoder_runner(graph: str, session, dims: Dims, prefill_chunk: int = ShapeLimits.max_prompt, prompt_session=None):
-    """The runner for a decoder graph: in-place cache buffers for decoder_ort (with the prompt
+    """The runner for a decoder graph: in-place cache buffers for decoder_ort and decoder_cuda (with the prompt
     graph's session, if given), past/present otherwise."""
-    if graph == ORT_DECODER:
+    if graph in (ORT_DECODER, CUDA_DECODER):
         return BufferedDecoderRunner(session, dims, prefill_chunk, prompt_session)
     return DecoderRunner(session, dims, prefill_chunk)

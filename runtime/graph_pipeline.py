@@ -18,10 +18,26 @@ from moss_edge.runtime.prompt import TokenIds
 
 
 class GraphPipeline:
-    def __init__(self, run: Callable[[str, dict], dict], dims: Dims, ids: TokenIds, cache_dtype=np.float32):
-        self.run, self.dims, self.ids, self.cache_dtype = run, dims, ids, cache_dtype
+    """float_inputs: per graph, the numpy type of each float input as the manifest records it (an
+    fp16 graph takes fp16); the rest of the pipeline holds fp32."""
+
+    def __init__(self, run: Callable[[str, dict], dict], dims: Dims, ids: TokenIds, float_inputs: dict[str, dict]):
+        self.dims, self.ids, self.float_inputs = dims, ids, float_inputs
+        self._run = run
+        self.cache_dtype = float_inputs["decoder"][cache_names(dims, "past")[0]]
         self.past: list = []
         self.length = 0
+
+    @classmethod
+    def float_inputs_of(cls, manifest: dict) -> dict[str, dict]:
+        return {g: {i["name"]: np.dtype(i["dtype"]) for i in manifest["graphs"][g]["inputs"]
+                    if i["dtype"] in ("float32", "float16")} for g in ("encoder", "adapter", "decoder")}
+
+    def run(self, graph: str, feeds: dict) -> dict:
+        types = self.float_inputs[graph]
+        out = self._run(graph, {n: v.astype(types[n], copy=False) if n in types else v for n, v in feeds.items()})
+        return {n: v.astype(np.float32) if v.dtype == np.float16 and not n.startswith("present_") else v
+                for n, v in out.items()}
 
     def encode(self, waveforms: list[np.ndarray]) -> AudioFeatures:
         """One encoder call per chunk (as the CPU pipeline runs them), then the adapter."""

@@ -16,6 +16,8 @@ decoder_prefill  decoder_ort's inputs and outputs: the prompt path on the CPU's 
           weights, activations quantized per row); quantize writes it when the recipe asks for it,
           and the runtime runs prompts through it and tokens through decoder_ort, on the same
           cache buffers
+decoder_cuda  decoder_ort's inputs and outputs in fp16 (the logits fp32), for ONNX Runtime CUDA:
+          written with an fp16 decoder (quantize/half.py)
 """
 
 from dataclasses import dataclass, fields
@@ -30,6 +32,8 @@ GRAPHS = ("encoder", "adapter", "decoder")
 # one; the manifest's "decoders" says which provider runs it.
 ORT_DECODER = "decoder_ort"
 PREFILL_DECODER = "decoder_prefill"
+# decoder_ort's twin for ONNX Runtime's CUDA provider: fp16, INT4 weights run by MatMulNBits
+CUDA_DECODER = "decoder_cuda"
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ def graph_spec(name: str, d: Dims) -> GraphSpec:
              Tensor("deepstack_embeds", (d.num_deepstack, "batch", "seq", d.hidden_size)),
              *[Tensor(n, cache) for n in cache_names(d, "past")]),
             (Tensor("logits", ("batch", d.vocab_size)), *[Tensor(n, grown) for n in cache_names(d, "present")]))
-    if name in (ORT_DECODER, PREFILL_DECODER):  # the KV cache is a buffer of `capacity` positions, valid up to the cached length
+    if name in (ORT_DECODER, PREFILL_DECODER, CUDA_DECODER):  # the KV cache is a buffer of `capacity` positions, valid up to the cached length
         buffer = (1, d.num_key_value_heads, "capacity", d.head_dim)
         return GraphSpec(
             (Tensor("input_ids", (1, "seq"), "int64"), Tensor("audio_embeds", (1, "seq", d.hidden_size)),
@@ -102,7 +106,7 @@ def graph_spec(name: str, d: Dims) -> GraphSpec:
              *[Tensor(n, buffer) for n in cache_names(d, "past")],
              Tensor("seqlens_k", (1,), "int32"), Tensor("total_sequence_length", (), "int32")),
             (Tensor("logits", (1, d.vocab_size)), *[Tensor(n, buffer) for n in cache_names(d, "present")]))
-    raise MossEdgeError(f"unknown graph {name!r}; the graphs are {', '.join((*GRAPHS, ORT_DECODER, PREFILL_DECODER))}")
+    raise MossEdgeError(f"unknown graph {name!r}; the graphs are {', '.join((*GRAPHS, ORT_DECODER, PREFILL_DECODER, CUDA_DECODER))}")
 
 
 def concrete_shapes(tensors: tuple[Tensor, ...], sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:

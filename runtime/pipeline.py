@@ -24,7 +24,7 @@ from moss_edge.runtime.graphs import ORT_DECODER, graph_spec, mismatches
 from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.prompt import TextTokenizer, prompt_ids
 from moss_edge.runtime.sampling import SamplingOptions
-from moss_edge.runtime.session import PROVIDERS, ShapeLimits, make_session, shrinking_arena, trt_profiles
+from moss_edge.runtime.session import PROVIDERS, ShapeLimits, make_session, run_typed, shrinking_arena, trt_profiles
 
 AudioInput = str | Path | bytes | tuple[np.ndarray, int] | np.ndarray
 
@@ -287,8 +287,8 @@ class Pipeline:
         # the arena serves the next chunk, then is returned after the last one and the adapter
         # (last=False: kept for a stream's next chunk)
         release = shrinking_arena if last else lambda: None
-        return encode_chunks(batch, lambda feeds, final: self.encoder.run(None, feeds, release() if final else None),
-                             lambda feeds: self.adapter.run(None, feeds, release()), self.chunks_per_run)
+        return encode_chunks(batch, lambda feeds, final: run_typed(self.encoder, feeds, release() if final else None),
+                             lambda feeds: run_typed(self.adapter, feeds, release()), self.chunks_per_run)
 
     def prompt_ids(self, prompt: str | list[int], clip_tokens: list[int]) -> list[int]:
         return prompt_ids(prompt, clip_tokens, self.tokenizer, self.ids, self.dims.vocab_size)

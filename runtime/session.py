@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from moss_edge.runtime.errors import MossEdgeError
@@ -129,6 +130,16 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as err:
         raise MossEdgeError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from None
+
+
+def run_typed(session: ort.InferenceSession, feeds: dict, options: ort.RunOptions | None = None) -> list:
+    """session.run with float inputs given in the type the graph declares (an fp16 graph gets
+    fp16) and float outputs returned as fp32, which is what the runtime's numpy side holds."""
+    declared = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
+    typed = {name: value.astype(declared[name], copy=False) if value.dtype.kind == "f" else value
+             for name, value in feeds.items()}
+    return [out.astype(np.float32, copy=False) if out.dtype == np.float16 else out
+            for out in session.run(None, typed, options)]
 
 
 def available_memory() -> int:

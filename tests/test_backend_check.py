@@ -9,15 +9,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moss_edge.cli import main
 from moss_edge.quantize.artifact import quantize_artifact
-from moss_edge.quantize.recipe import PRESETS
+from moss_edge.quantize.recipe import PRESETS, load_recipe
+from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.pipeline import Pipeline
 from moss_edge.export.backend_check import check_artifact, check_graph
 from moss_edge.export.backend_rules import RULES, TARGETS
 
 
-def _graph(nodes, inits, opset=21, inputs=("x",), output="y"):
-    graph = helper.make_graph(nodes, "trap", [helper.make_tensor_value_info(i, TensorProto.FLOAT, [2, 4]) for i in inputs],
-                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], inits)
+def _graph(nodes, inits, opset=21, inputs=("x",), output="y", dtype=TensorProto.FLOAT):
+    graph = helper.make_graph(nodes, "trap", [helper.make_tensor_value_info(i, dtype, [2, 4]) for i in inputs],
+                              [helper.make_tensor_value_info(output, dtype, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
@@ -26,11 +27,17 @@ def _int4(name, dims, signed=True):
     return helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4, dims, nibbles.tobytes(), raw=True)
 
 
-def _int4_matmul(weight, scale, zero_point=None, opset=21):
+def _int4_matmul(weight, scale, zero_point=None, opset=21, dtype=TensorProto.FLOAT, between=()):
+    """x @ DequantizeLinear(weight, scale), x of `dtype`; `between`: nodes from the dequantized w to MatMul's "wb"."""
     inits = [weight, scale] + ([zero_point] if zero_point is not None else [])
     dq = helper.make_node("DequantizeLinear", [weight.name, scale.name] + ([zero_point.name] if zero_point else []),
                           ["w"], name="dq", axis=0, block_size=weight.dims[0] // scale.dims[0])
-    return _graph([dq, helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], inits, opset)
+    b = "wb" if between else "w"
+    return _graph([dq, *between, helper.make_node("MatMul", ["x", b], ["y"], name="mm")], inits, opset, dtype=dtype)
+
+
+def _half(shape):
+    return np.ones(shape, np.float16)
 
 
 def _rules(model, target, tmp_path):
@@ -53,11 +60,36 @@ def test_int4_dequantize_traps(tmp_path):
     assert ("dq-zero-point", "rejected") in _rules(_int4_matmul(_int4("w", [4, 8]), scale, zero), "tensorrt-10.3", tmp_path)
     assert ("dq-4bit-weight", "rejected") in _rules(_int4_matmul(_int4("w", [4, 8], signed=False), scale),
                                                     "tensorrt-10.3", tmp_path)
-    # the passing form: signed, 2-D constant, blocks of 128 along one axis, no zero point
-    good = _int4_matmul(_int4("w", [256, 8]), numpy_helper.from_array(np.ones((2, 8), np.float32), "s"))
+    # the passing form: signed, 2-D constant, blocks of 128 along one axis, no zero point, fp16
+    # scales dequantizing into MatMul input B with fp16 activations
+    good = _int4_matmul(_int4("w", [256, 8]), numpy_helper.from_array(_half((2, 8)), "s"), dtype=TensorProto.FLOAT16)
     assert _rules(good, "tensorrt-10.3", tmp_path) == set()
-    odd = _int4_matmul(_int4("w", [256, 8]), numpy_helper.from_array(np.ones((8, 8), np.float32), "s"))
+    odd = _int4_matmul(_int4("w", [256, 8]), numpy_helper.from_array(_half((8, 8)), "s"), dtype=TensorProto.FLOAT16)
     assert ("dq-4bit-block", "warning") in _rules(odd, "tensorrt-10.3", tmp_path)  # blocks of 32: undocumented
+
+
+def test_int4_forms_tensorrt_would_not_fuse(tmp_path):
+    """fp32 scales and activations (the weight may be held dequantized), scales of another type than the
+    data (rejected on Orin), anything between the DequantizeLinear and MatMul B, odd N or partial blocks."""
+    fp32 = _int4_matmul(_int4("w", [256, 8]), numpy_helper.from_array(np.ones((2, 8), np.float32), "s"))
+    assert _rules(fp32, "tensorrt-10.3", tmp_path) == {("int4-fp32-activations", "warning")}
+    finding = next(f for f in check_graph(fp32, "decoder", "tensorrt-10.3", tmp_path) if f.rule == "int4-fp32-activations")
+    assert "may be held dequantized" in finding.reason
+    mixed = _int4_matmul(_int4("w", [256, 8]), numpy_helper.from_array(_half((2, 8)), "s"))  # fp32 x, fp16 scales
+    assert ("dq-mixed-types-orin", "rejected") in _rules(mixed, "tensorrt-10.3", tmp_path)
+    assert ("dq-mixed-types", "warning") in _rules(mixed, "tensorrt-10.16", tmp_path)
+    cast = helper.make_node("Cast", ["w"], ["wb"], name="cast", to=TensorProto.FLOAT16)
+    through = _int4_matmul(_int4("w", [256, 8]), numpy_helper.from_array(_half((2, 8)), "s"),
+                           dtype=TensorProto.FLOAT16, between=[cast])
+    assert ("int4-into-matmul-b", "warning") in _rules(through, "tensorrt-10.3", tmp_path)
+    odd_n = _int4_matmul(_int4("w", [256, 7]), numpy_helper.from_array(_half((2, 7)), "s"), dtype=TensorProto.FLOAT16)
+    assert ("int4-weight-shape", "warning") in _rules(odd_n, "tensorrt-10.3", tmp_path)
+    partial = _int4_matmul(_int4("w", [200, 8]), numpy_helper.from_array(_half((2, 8)), "s"), dtype=TensorProto.FLOAT16)
+    next(a for a in partial.graph.node[0].attribute if a.name == "block_size").i = 128  # 200 rows: a partial block
+    assert ("int4-weight-shape", "warning") in _rules(partial, "tensorrt-10.3", tmp_path)
+    short = _int4_matmul(_int4("w", [64, 8]), numpy_helper.from_array(_half((1, 8)), "s"), dtype=TensorProto.FLOAT16)
+    next(a for a in short.graph.node[0].attribute if a.name == "block_size").i = 128  # shorter than a block: as ModelOpt
+    assert ("int4-weight-shape", "warning") not in _rules(short, "tensorrt-10.3", tmp_path)
 
 
 def test_opset23_attention_needs_a_newer_tensorrt(tmp_path):
@@ -98,7 +130,10 @@ def recipe_artifacts(synthetic_artifact, tmp_path_factory):
 def test_check_on_each_recipe(recipe_artifacts):
     results = {r: check_artifact(a, json.loads((a / "manifest.json").read_text())) for r, a in recipe_artifacts.items()}
     assert all(r["passed"] for r in results["fp32"].values())
-    assert all(results[r]["ort-cpu"]["passed"] for r in results)  # ORT CPU runs every recipe
+    gpu = ("int4-trt", "w8a8")  # fp16 graphs: ORT CPU has no fp16 kernels for them, ORT CUDA runs them
+    assert all(results[r]["ort-cpu"]["passed"] == (r not in gpu) for r in results)
+    assert all(results[r]["ort-cuda"]["passed"] for r in gpu)
+    assert {f["rule"] for r in gpu for f in results[r]["ort-cpu"]["findings"]} == {"cpu-kernel"}
     # dynamic INT8 (the CPU recipes' encoder and adapter) has no TensorRT importer and no CUDA kernel,
     # and their INT8 embedding table is gathered before it is dequantized
     rejected = {f["op"] for f in results["int4"]["tensorrt-10.3"]["findings"] if f["verdict"] == "rejected"}
@@ -119,13 +154,13 @@ def test_manifest_records_checks_backends_and_engine_plan(recipe_artifacts):
         fresh = check_artifact(recipe_artifacts[recipe], m)
         assert {t: r["passed"] for t, r in m["checks"].items()} == {t: r["passed"] for t, r in fresh.items()}
     assert manifests["int4"]["backends"] == ["cpu"] and "engine_plan" not in manifests["int4"]
-    assert manifests["int4-trt"]["backends"] == ["cpu", "cuda", "tensorrt"]
-    past = {i["name"]: i["dtype"] for i in manifests["int4-trt"]["graphs"]["decoder"]["inputs"]}
-    assert past["past_key_0"] == "float16" and past["audio_embeds"] == "float32"  # the fp16 KV cache
+    assert manifests["int4-trt"]["backends"] == ["cuda", "tensorrt"]
+    inputs = {i["name"]: i["dtype"] for i in manifests["int4-trt"]["graphs"]["decoder"]["inputs"]}
+    assert inputs["past_key_0"] == "float16" and inputs["audio_embeds"] == "float16"  # fp16 cache and activations
     kept = manifests["int4-trt"]["quantization"]["higher_precision"]["decoder"]
     assert [w["precision"] for w in kept.values()] == ["fp16"]  # the embedding table, and nothing else
     plan = manifests["int4-trt"]["engine_plan"]
-    on_disk = sum((recipe_artifacts["int4-trt"] / f).stat().st_size
+    on_disk = sum((recipe_artifacts["int4-trt"] / f).stat().st_size  # decoder_cuda is ONNX Runtime's, not TensorRT's
                   for g in ("encoder", "adapter", "decoder") for f in manifests["int4-trt"]["graphs"][g]["files"])
     assert sum(plan["weights"].values()) == on_disk and plan["total"] > on_disk + plan["kv_cache"]
     d = manifests["int4-trt"]["model"]
@@ -133,11 +168,20 @@ def test_manifest_records_checks_backends_and_engine_plan(recipe_artifacts):
         * plan["limits"]["max_context"]
 
 
-def test_fp16_cache_decoder_runs_with_its_cache_in_fp16(recipe_artifacts, upstream):
-    pipe = Pipeline.load(recipe_artifacts["int4-trt"])
-    assert pipe.decoder_graph == "decoder"  # the synthetic head size keeps the portable decoder on CPU too
+def test_fp16_cache_decoder_runs_with_its_cache_in_fp16(synthetic_artifact, upstream, tmp_path):
+    """An fp32 decoder with its cache in fp16 at the graph's edges (kv_cache fp16 alone) runs on the CPU."""
+    spec = tmp_path / "cache16.json"
+    spec.write_text(json.dumps({"decoder": {"precision": "int4", "kv_cache": "fp16"}}))
+    out = quantize_artifact(synthetic_artifact, tmp_path / "cache16", load_recipe(str(spec)), verify=False,
+                            log=lambda m: None).path
+    pipe = Pipeline.load(out, decoder="decoder")
     assert len(pipe.generate(upstream["audio"], "What is said?", max_new_tokens=4).tokens) <= 4
     assert pipe.decoder.past[0].data_type() == "tensor(float16)" and pipe.decoder.cache_dtype == np.float16
+
+
+def test_gpu_artifact_is_refused_on_the_cpu_provider(recipe_artifacts):
+    with pytest.raises(MossEdgeError, match="does not run on cpu; it runs on cuda, tensorrt"):
+        Pipeline.load(recipe_artifacts["int4-trt"])
 
 
 def test_engine_plan_for_ten_minutes_of_audio_at_4b_widths():

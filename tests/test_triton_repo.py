@@ -8,6 +8,7 @@ import sys
 import types
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -18,6 +19,7 @@ from tritonclient.grpc import model_config_pb2  # noqa: E402
 from moss_edge import bundled_audio  # noqa: E402
 from moss_edge.cli import main  # noqa: E402
 from moss_edge.quantize.artifact import quantize_artifact  # noqa: E402
+from moss_edge.quantize.half_emulation import cpu_view, emulated  # noqa: E402
 from moss_edge.quantize.recipe import PRESETS  # noqa: E402
 from moss_edge.runtime.pipeline import Pipeline  # noqa: E402
 from moss_edge.triton_repo import BLS_MODEL, MODELS  # noqa: E402
@@ -62,8 +64,13 @@ def test_repository_configs_match_the_manifest(trt_artifact, synthetic_artifact,
 
 
 def _fake_triton(repo):
-    """triton_python_backend_utils as model.py uses it, with BLS calls run by ONNX Runtime."""
-    sessions = {m: ort.InferenceSession(str(repo / m / "1" / f"{g}.onnx")) for g, m in MODELS.items()}
+    """triton_python_backend_utils as model.py uses it, with BLS calls run by ONNX Runtime: the
+    fp16 graphs as their emulated fp32 twins (no fp16 CPU kernels), fed what model.py sends."""
+    sessions = {}
+    for graph, model in MODELS.items():
+        path = repo / model / "1" / f"{graph}.onnx"
+        onnx.save(emulated(onnx.load(str(path), load_external_data=False)), str(path))
+        sessions[model] = ort.InferenceSession(str(path))
 
     class Tensor:
         def __init__(self, name, value):
@@ -93,7 +100,11 @@ def _fake_triton(repo):
             self.model, self.names, self.inputs = model_name, requested_output_names, inputs
 
         def exec(self):
-            values = sessions[self.model].run(self.names, {t.name(): t.as_numpy() for t in self.inputs})
+            feeds = {t.name(): t.as_numpy() for t in self.inputs}
+            sent.update({(self.model, n): str(v.dtype) for n, v in feeds.items()})
+            declared = {i.name: i.type for i in sessions[self.model].get_inputs()}
+            values = sessions[self.model].run(self.names, {n: v.astype(np.float32) if declared[n] == "tensor(float)" else v
+                                                           for n, v in feeds.items()})
             return Response([Tensor(n, v) for n, v in zip(self.names, values)])
 
     class TritonError:
@@ -103,7 +114,9 @@ def _fake_triton(repo):
         def message(self):
             return self._message
 
+    sent = {}  # (model, input) -> the dtype model.py sent
     module = types.ModuleType("triton_python_backend_utils")
+    module.sent = sent
     module.Tensor, module.InferenceRequest, module.InferenceResponse, module.TritonError = \
         Tensor, InferenceRequest, Response, TritonError
     module.get_input_tensor_by_name = lambda request, name: request.get(name)
@@ -130,8 +143,11 @@ def test_the_bls_model_answers_as_the_pipeline_does(trt_artifact, tmp_path, monk
     bad = request(prompt=np.array([b"What is said?"], np.object_))
     answered, refused = model.execute([good, bad])
     out = {t.name(): t.as_numpy() for t in answered.output_tensors()}
-    want = Pipeline.load(trt_artifact, decoder="decoder").generate(bundled_audio("speech_zh_4s.flac"), "What is said?",
-                                                                   max_new_tokens=6)
+    with cpu_view(trt_artifact) as view:  # the same emulated graphs, run by the pipeline
+        want = Pipeline.load(view, decoder="decoder").generate(bundled_audio("speech_zh_4s.flac"), "What is said?",
+                                                               max_new_tokens=6)
     assert out["text"][0].decode() == want.text and int(out["generated_tokens"][0]) == len(want.tokens)
     assert int(out["prompt_tokens"][0]) == want.prompt_tokens
+    # model.py sends each graph the types its config (the manifest) declares: fp16 activations and cache
+    assert fake.sent[("moss_encoder", "mel")] == fake.sent[("moss_decoder", "past_key_0")] == "float16"
     assert refused.has_error() and "no audio" in refused.error().message()
