@@ -23,9 +23,10 @@ RECIPE = "int4-trt"
 def plan_for(name: str) -> dict:
     cfg = preset(name)
     dims = dims_of(cfg)
-    cache = PRESETS[RECIPE]().graphs["decoder"].kv_cache
-    decoder_io = [{"name": t.name, "dtype": "float16" if t.name.startswith("past_") and cache == "fp16" else t.dtype}
-                  for t in graph_spec("decoder", dims).inputs]
+    decoder = PRESETS[RECIPE]().graphs["decoder"]
+    half_cache, half = decoder.kv_cache == "fp16", decoder.dtype == "fp16"  # fp16 activations: half the activation bytes
+    decoder_io = [{"name": t.name, "dtype": "float16" if t.dtype == "float32" and (half or (half_cache and t.name.startswith("past_")))
+                   else t.dtype} for t in graph_spec("decoder", dims).inputs]
     manifest = {"model": asdict(dims), "config": cfg.to_hf_dict(), "graphs": {"decoder": {"inputs": decoder_io}}}
     return asdict(plan(manifest, graph_bytes(meta_model(cfg), PRESETS[RECIPE]()), jetson_limits(dims)))
 

@@ -221,6 +221,14 @@ def cmd_info(args) -> None:
     if m.get("prefill"):
         print("prompts   " + ", ".join(f"{provider} runs {graph} (INT8, per-row activations) where the CPU has integer "
                                        "dot-product or matrix instructions" for provider, graph in m["prefill"].items()))
+    half = [g for g, e in m["graphs"].items() if any(i["dtype"] == "float16" and not i["name"].startswith("past_")
+                                                    for i in e["inputs"])]
+    if half:
+        print(f"fp16      {', '.join(half)} compute in fp16 (GPUs; verified on a CPU through emulation)")
+    headroom = m.get("quantization", {}).get("fp16_headroom", {}).get("encoder")
+    if headroom:
+        print(f"fp16      encoder's largest value {headroom['largest']:.1f} on the bundled recordings: "
+              f"{headroom['headroom']:.0f}x headroom under 65504 (residual stream clamped at +-{headroom['clamp']:.0f})")
     print(f"runs on   {', '.join(m['backends']) or 'nothing checked'}")
     for target, r in m.get("checks", {}).items():
         found = ", ".join(f"{n} {rule}" for rule, n in r["rules"].items()) or "nothing found"

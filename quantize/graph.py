@@ -77,13 +77,14 @@ def _quantized(name: str, w: np.ndarray, rule: WeightRule, stats: dict | None, a
     mat = w if axis == 0 else w.T  # quantize_blocked blocks along rows
     if rule.per_channel:
         rule = WeightRule(rule.bits, mat.shape[0], rule.method, True)
-    input_scale = None
+    input_scale, stored = None, NP_TYPES[scale_type]
     if rule.method == "awq" and stats is not None:
-        q, scale, input_scale = awq_quantize(mat, stats["sq"], stats["abs"], rule.bits, rule.block)
+        q, scale, input_scale = awq_quantize(mat, stats["sq"], stats["abs"], rule.bits, rule.block, stored)
     elif rule.method in ("clip", "awq") and stats is not None:
-        q, scale = quantize_blocked(mat, rule.bits, rule.block, search_clip(mat, stats["sq"], rule.bits, rule.block))
+        clip = search_clip(mat, stats["sq"], rule.bits, rule.block, stored)
+        q, scale = quantize_blocked(mat, rule.bits, rule.block, clip, stored)
     else:
-        q, scale = quantize_blocked(mat, rule.bits, rule.block)
+        q, scale = quantize_blocked(mat, rule.bits, rule.block, scale_dtype=stored)
     if axis == 1:
         q, scale = q.T, scale.T
     q = np.ascontiguousarray(q)

@@ -63,10 +63,13 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
 
 def _activations(model: onnx.ModelProto, types: dict[str, int]) -> set[str]:
     """Names of the tensors that carry the model's activations: derived from a float graph input,
-    a weight (a float initializer of 2 or more dims) or a dequantized weight. A shape read off an
-    activation is not one, so masks and positions built from shapes stay constant-derived."""
+    a weight (a float initializer that a MatMul, Gemm or Conv multiplies by or a Gather reads rows
+    of) or a dequantized weight. A shape read off an activation is not one, so masks and positions
+    built from shapes and tables (the encoder's sinusoids) stay constant-derived."""
     g = model.graph
-    weights = {t.name for t in g.initializer if t.data_type in FLOATS and len(t.dims) >= 2}
+    floats = {t.name for t in g.initializer if t.data_type in FLOATS}
+    weights = {n.input[0 if n.op_type == "Gather" else 1] for n in g.node
+               if n.op_type in ("MatMul", "Gemm", "Conv", "Gather")} & floats
     live = {v.name for v in g.input if types.get(v.name) in FLOATS}
     initializers = {t.name for t in g.initializer}
     for node in g.node:

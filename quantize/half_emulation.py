@@ -149,11 +149,11 @@ def cpu_view(root: Path) -> Iterator[Path]:
 BUNDLED_RECORDINGS = ("speech_en_10s.flac", "speech_zh_4s.flac", "dialogue_zh_12s.flac", "speech_ko_18s.flac")
 
 
-def encoder_headroom(graph: Path, chunk_frames: int, clamp_suffix: str = "_clamp") -> dict:
+def encoder_headroom(graph: Path, chunk_frames: int) -> dict:
     """The fp16 encoder's largest value per layer on the bundled recordings (its emulated twin,
     before each value is rounded), and fp16's headroom over the largest (65504 / largest).
-    Layers are told apart by the residual clamps, two per layer; the stem counts with layer 0,
-    the final norm and projection with the last layer."""
+    Layers are told apart by their two LayerNormalizations; the stem counts with layer 0, the
+    final norm and projection with the last layer."""
     import numpy as np
     import onnxruntime as ort
 
@@ -161,11 +161,11 @@ def encoder_headroom(graph: Path, chunk_frames: int, clamp_suffix: str = "_clamp
     from moss_edge.runtime.audio import chunk_mels, load_audio, log_mel
 
     model = emulated(onnx.load(str(graph), load_external_data=False), peaks=True)
-    clamps, seen = {}, 0
+    norms, seen = {}, 0
     for node in model.graph.node:
-        seen += node.name.endswith(clamp_suffix)
-        clamps.update({o: seen for o in node.output})
-    layers = max(1, seen // 2)
+        seen += node.op_type == "LayerNormalization"
+        norms.update({o: seen for o in node.output})
+    layers = max(1, (seen - 1) // 2)  # two per layer, and the final one
     peaks_path = graph.parent / f".{graph.stem}.peaks.onnx"  # beside its weights; removed after the run
     try:
         onnx.save(model, str(peaks_path))
@@ -175,7 +175,7 @@ def encoder_headroom(graph: Path, chunk_frames: int, clamp_suffix: str = "_clamp
         for clip in BUNDLED_RECORDINGS:
             batch = chunk_mels([log_mel(load_audio(bundled_audio(clip)))], chunk_frames)
             for name, value in zip(names, session.run(names, {"mel": batch.mel, "frames": batch.frames})):
-                layer = min(clamps[name.removeprefix(PEAK_PREFIX)] // 2, layers - 1)
+                layer = min(max(norms[name.removeprefix(PEAK_PREFIX)] - 1, 0) // 2, layers - 1)
                 largest[layer] = max(largest[layer], float(value))
     finally:
         peaks_path.unlink(missing_ok=True)

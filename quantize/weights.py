@@ -26,10 +26,11 @@ def _blocks(x: np.ndarray, block: int) -> np.ndarray:
     return x.reshape(-1, block, n)
 
 
-def quantize_blocked(w: np.ndarray, bits: int, block: int, clip: np.ndarray | float = 1.0):
+def quantize_blocked(w: np.ndarray, bits: int, block: int, clip: np.ndarray | float = 1.0, scale_dtype=np.float32):
     """w [K, N] -> (q int8 [K, N], scale float32 [ceil(K/block), N]). clip shrinks each block's
     range (scalar, or one per block and column) so outliers cost less resolution. Columns go
-    in slices, so the temporaries stay small for any width (an 8B lm_head is 2.5 GB in fp32)."""
+    in slices, so the temporaries stay small for any width (an 8B lm_head is 2.5 GB in fp32).
+    scale_dtype: the type the scales are stored in; q is rounded against the stored scales."""
     k, n = w.shape
     q = np.empty((k, n), np.int8)
     scale = np.empty((-(-k // block), n), np.float32)
@@ -37,6 +38,7 @@ def quantize_blocked(w: np.ndarray, bits: int, block: int, clip: np.ndarray | fl
         cols = slice(c, min(c + COLUMNS, n))
         blocks = _blocks(np.asarray(w[:, cols], np.float32), block)
         s = np.abs(blocks).max(axis=1) * (clip[:, cols] if np.ndim(clip) else clip) / qmax(bits)
+        s = s.astype(scale_dtype)
         s = np.where(s == 0, 1.0, s).astype(np.float32)
         scale[:, cols] = s
         q[:, cols] = np.clip(np.rint(blocks / s[:, None, :]), -qmax(bits) - 1, qmax(bits)).reshape(-1, blocks.shape[2])[:k]
@@ -53,11 +55,11 @@ def _weighted_error(w, deq, h, block):
     return _blocks(h[:, None] * (w - deq) ** 2, block).sum(axis=1)
 
 
-def search_clip(w: np.ndarray, h: np.ndarray, bits: int, block: int) -> np.ndarray:
+def search_clip(w: np.ndarray, h: np.ndarray, bits: int, block: int, scale_dtype=np.float32) -> np.ndarray:
     """Per block and column, the clip ratio from CLIP_GRID with the least activation-weighted error."""
     best_err, best_clip = None, None
     for clip in CLIP_GRID:
-        q, scale = quantize_blocked(w, bits, block, clip)
+        q, scale = quantize_blocked(w, bits, block, clip, scale_dtype)
         err = _weighted_error(w, dequantize_blocked(q, scale, block), h, block)
         if best_err is None:
             best_err, best_clip = err, np.full_like(err, clip)
@@ -68,7 +70,7 @@ def search_clip(w: np.ndarray, h: np.ndarray, bits: int, block: int) -> np.ndarr
     return best_clip.astype(np.float32)
 
 
-def awq_quantize(w: np.ndarray, h: np.ndarray, mean_abs: np.ndarray, bits: int, block: int):
+def awq_quantize(w: np.ndarray, h: np.ndarray, mean_abs: np.ndarray, bits: int, block: int, scale_dtype=np.float32):
     """Activation-aware quantization: scale input channel k by s_k = mean|x_k|^alpha before
     quantizing (the MatMul input is divided by s); alpha and each block's clipping are chosen by
     the activation-weighted error (a coarse joint search, then the full clip grid for the best
@@ -82,13 +84,13 @@ def awq_quantize(w: np.ndarray, h: np.ndarray, mean_abs: np.ndarray, bits: int, 
         s = np.maximum(mean_abs, 1e-6) ** alpha
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)  # keep scales centred on 1
         ws, hs = sample * s[:, None], h / s**2  # the error of (x / s) @ (W s), in the scaled space
-        q, scale = quantize_blocked(ws, bits, block, search_clip(ws, hs, bits, block))
+        q, scale = quantize_blocked(ws, bits, block, search_clip(ws, hs, bits, block, scale_dtype), scale_dtype)
         err = float(_weighted_error(ws, dequantize_blocked(q, scale, block), hs, block).sum())
         if best is None or err < best[0]:
             best = (err, s if alpha else None)
     s = best[1]
     ws, hs = (w * s[:, None], h / s**2) if s is not None else (w, h)
-    q, scale = quantize_blocked(ws, bits, block, search_clip(ws, hs, bits, block))
+    q, scale = quantize_blocked(ws, bits, block, search_clip(ws, hs, bits, block, scale_dtype), scale_dtype)
     return q, scale, s
 
 
