@@ -39,7 +39,7 @@ def parity(fp32: Path, out: Path, evaluate=None) -> dict:
         r = result.report
         rows[label] = {
             "passed": r["summary"]["passed"], "precision": r["summary"]["precision"],
-            "cosine": {f"{g}.{o}": round(m["cosine"], 6) for g, outs in r["graphs"].items() for o, m in outs.items()},
+            "cosine": {f"{g}.{o}": round(m["cosine"], 9) for g, outs in r["graphs"].items() for o, m in outs.items()},
             "kl_mean": r["summary"]["kl_mean"], "top1_agreement": r["summary"]["top1_agreement"],
             "greedy_match": r["summary"]["greedy_match"], "emulated": r.get("emulated", {}).get("graphs", []),
             "backends": result.manifest["backends"],

@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from moss_edge.quantize.weights import pack_int4  # ONNX's INT4 layout, as our artifacts store it
+
 VARIANTS = {"int4-fp16": np.float16, "int4-fp32": np.float32, "fp16-dense": np.float16}
 FUSED_BELOW = 0.4  # engine / fp16 bytes: INT4 weights are ~0.26x, dequantized fp16 1x, fp32 2x
 NO_TRT = "TensorRT is not installed (pip install tensorrt-cu12, or JetPack's python3-libnvinfer): nothing to measure here"
@@ -45,12 +47,6 @@ def quantized_weight(k: int, n: int, block: int, seed: int = 0):
     scale = (np.abs(blocks).max(axis=1) / 7).astype(np.float32)
     q = np.clip(np.rint(blocks / scale[:, None, :]), -8, 7).astype(np.int8).reshape(k, n)
     return q, scale
-
-
-def pack_int4(q: np.ndarray) -> bytes:
-    """ONNX's INT4 layout: two values per byte, the first in the low nibble (K*N is even here)."""
-    flat = q.astype(np.uint8).ravel() & 0x0F
-    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
 
 
 def layer_graph(variant: str, k: int, n: int, block: int) -> onnx.ModelProto:

@@ -49,10 +49,19 @@ def weight_precision(name: str, op: str, dims: list[int], recipe: GraphRecipe) -
         return precision, f"{why} is {precision}"
     if precision == "int4" and recipe.dtype == "fp16" and op == "MatMul":
         k, n = dims
-        if n % 2 or (k > recipe.block and k % recipe.block):
+        if n % 2 or gpu_block(k, recipe.block) is None:
             return "fp16", (f"[{k}, {n}]: the GPU INT4 kernels (TensorRT, ONNX Runtime CUDA) take N even and K a "
-                            f"multiple of the block ({recipe.block})")
+                            f"multiple of the block (64 or {recipe.block})")
     return precision, ""
+
+
+def gpu_block(k: int, block: int) -> int | None:
+    """The INT4 block for a weight of k rows on a GPU: the recipe's; 64 (TensorRT's other block size)
+    where k is a multiple of 64 but not of it; None where it is neither. A weight shorter than one
+    block is one partial block, as ModelOpt writes it."""
+    if k <= block or k % block == 0:
+        return block
+    return 64 if block > 64 and k % 64 == 0 else None
 
 
 @dataclass
@@ -100,7 +109,8 @@ def plan_graph(path: Path, name: str, recipe: GraphRecipe, checkpoint: Path | No
         if precision == "fp32" or (precision == "fp16" and op == "MatMul") or recipe.precision == "int8-dynamic":
             continue
         table = "lm_head" in weight or op == "Gather"
-        rules[weight] = WeightRule(BITS[precision], recipe.block, "rtn" if table else recipe.method,
+        block = gpu_block(dims[0], recipe.block) if recipe.dtype == "fp16" and op == "MatMul" else recipe.block
+        rules[weight] = WeightRule(BITS[precision], block or recipe.block, "rtn" if table else recipe.method,
                                    per_channel=precision == "w8a8")
     return GraphPlan(name, path, recipe, model, rules, weight_reader(path.parent, checkpoint))
 

@@ -17,7 +17,7 @@ from moss_edge.export.ort_decoder import nbits_layout, unpack_int4
 from moss_edge.quantize.artifact import quantize_artifact
 from moss_edge.quantize.graph import pack_int4
 from moss_edge.quantize.half_emulation import emulated, tensor_types
-from moss_edge.quantize.plan import plan_graph
+from moss_edge.quantize.plan import gpu_block, plan_graph
 from moss_edge.quantize.recipe import GraphRecipe, load_recipe
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.graphs import CUDA_DECODER, graph_spec, mismatches
@@ -189,6 +189,9 @@ def test_recipe_rules_for_fp16_graphs(tmp_path, synthetic_artifact):
     recipe = GraphRecipe("int4", dtype="fp16", kv_cache="fp16", embedding="fp16")
     assert weight_precision("w", "MatMul", [256, 7], recipe)[0] == "fp16"
     assert weight_precision("w", "MatMul", [256, 8], recipe) == ("int4", "")
+    assert weight_precision("w", "MatMul", [192, 8], recipe) == ("int4", "")  # blocks of 64
+    assert weight_precision("w", "MatMul", [160, 8], recipe)[0] == "fp16"  # neither 64 nor 128 divides it
+    assert (gpu_block(192, 128), gpu_block(64, 128), gpu_block(160, 128)) == (64, 128, None)
     assert weight_precision("w", "MatMul", [256, 7], GraphRecipe("int4"))[0] == "int4"  # the CPU takes it
     plan = plan_graph(synthetic_artifact / "decoder.onnx", "decoder", recipe)
     assert plan.rules
