@@ -113,8 +113,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_ylabel("1 - cosine against the fp32 PyTorch model")
         ax.set_title(f"{model} model")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"GPU graphs measured on the CPU (emulated fp16) [{' '.join(result['cpu_flags'])}]", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"GPU graphs measured on the CPU (emulated fp16) [CPU: {result['cpu_flags']}]", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -24,8 +24,7 @@ from onnx import TensorProto, helper
 from moss_edge.quantize.half_emulation import tensor_types
 
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16)
-FP16_MAX = 65504.0
-ENCODER_CLAMP = 64000.0  # below fp16's largest value, so the clamped stream still has room for one more add
+ENCODER_CLAMP = 64000.0  # below fp16's largest (65504), so the clamped stream still has room for one more add
 FP32_OUTPUTS = ("logits",)
 SHAPE_ONLY = ("Shape", "Size")  # read a tensor's shape, never its values: no Cast in front of them
 

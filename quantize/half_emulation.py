@@ -127,7 +127,13 @@ def cpu_view(root: Path) -> Iterator[Path]:
     if not graphs:
         yield root
         return
-    view = Path(tempfile.mkdtemp(prefix=f".{root.name}.emulated-", dir=root.parent))
+    # named like a staging folder (with this process's id), so that the next export or quantize
+    # there removes one a killed run left; in the system's temp folder where root's is read-only
+    prefix = f".{root.name}.staging-{os.getpid()}-emulated-"
+    try:
+        view = Path(tempfile.mkdtemp(prefix=prefix, dir=root.parent))
+    except OSError:
+        view = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         replaced = {manifest["graphs"][g]["file"]: g for g in graphs}
         for f in root.iterdir():
