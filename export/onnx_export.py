@@ -242,7 +242,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
     token_ids overrides what the checkpoint's processor/generation configs say. in_checkpoint:
     the graphs only, their weights left in the checkpoint for the quantizer to read (the source
     of `quantize.artifact.export_quantized`); no ORT decoder, no parity check."""
-    from moss_edge.export.verify import Verifier
+    from moss_edge.export.verify import Verifier, keep_recording
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if opset not in (21, 23):
@@ -291,12 +291,14 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
             manifest["parity"] = {"skipped": "export was asked not to verify (--verify-steps 0)"}
         else:
             log("checking parity against the PyTorch model")
+            verifier = Verifier(checkpoint_dir, steps=verify_steps)
             try:
-                report = Verifier(checkpoint_dir, steps=verify_steps)(tmp)
+                report = verifier(tmp)
             except MossEdgeError as err:  # too big to check here: the quantized artifacts are verified
                 manifest["parity"] = {"skipped": str(err)}
                 log(f"parity check skipped: {err}")
             else:
+                keep_recording(tmp, verifier.recording(tmp), manifest)
                 report["artifact"] = str(out)  # checked in the staging folder, reported where it will live
                 manifest["parity"] = report["summary"]
                 (tmp / "parity.json").write_text(json.dumps(report, indent=2))

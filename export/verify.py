@@ -1,11 +1,12 @@
-"""Parity of an artifact with the PyTorch reference: per graph, per decode step, end to end."""
+"""Parity of an artifact with the PyTorch reference: the reference's answers are recorded
+(runtime/parity.py's Recording, kept in the artifact by export and quantize) and the artifact is
+held to them by the same code that checks it on a device without PyTorch."""
 
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from moss_edge import bundled_audio
@@ -13,39 +14,15 @@ from moss_edge.export.checkpoint import checkpoint_hash, load_model, reference_b
 from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
 from moss_edge.export.reference import ReferencePipeline
-from moss_edge.quantize.half_emulation import cpu_view, fp16_graphs
+from moss_edge.quantize.half_emulation import cpu_view
+from moss_edge.runtime.artifact import Artifact, fp16_graphs
 from moss_edge.runtime.audio import load_audio
 from moss_edge.runtime.errors import MossEdgeError
-from moss_edge.runtime.generation import generate_tokens
-from moss_edge.runtime.graphs import CUDA_DECODER, ORT_DECODER, PREFILL_DECODER
-from moss_edge.runtime.inference import AudioFeatures
+from moss_edge.runtime.graphs import PREFILL_DECODER
+from moss_edge.runtime.parity import RECORDING, Recording, check_pipeline
 from moss_edge.runtime.pipeline import ParityWarning, Pipeline
-from moss_edge.runtime.session import available_memory, run_typed
-from moss_edge.runtime.sampling import SamplingOptions
-
-# Per precision: worst graph-output cosine, relative error (fp32 only), mean / max KL of the
-# next-token distributions, top-1 agreement off near-ties, greedy prefix match.
-THRESHOLDS = {
-    "fp32": {"cosine": 0.99999, "rel": 1e-3, "kl_mean": 1e-5, "top1": 1.0, "greedy": 1.0},
-    "fp16": {"cosine": 0.999, "rel": None, "kl_mean": 1e-3, "top1": 0.95, "greedy": 0.5},
-    "int8": {"cosine": 0.99, "rel": None, "kl_mean": 0.05, "top1": 0.9, "greedy": 0.25},
-    "int4": {"cosine": 0.98, "rel": None, "kl_mean": 0.1, "top1": 0.8, "greedy": 0.1},
-}
-ORDER = ["fp32", "fp16", "int8", "int4"]
-PROMPT_PATHS = {"int8": "INT8 prompt graph", "decoder": "prompts on the token graph"}
-
-
-def compare(x: np.ndarray, ref: np.ndarray) -> dict:
-    """max-abs and relative error, cosine, and whether both sides are finite (a NaN or Inf
-    anywhere makes the figures NaN, which no threshold passes)."""
-    x, ref = np.asarray(x, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
-    finite = bool(np.isfinite(x).all() and np.isfinite(ref).all())
-    if not finite:
-        return {"max_abs": float("nan"), "rel": float("nan"), "cosine": float("nan"), "finite": False}
-    max_abs = float(np.abs(x - ref).max()) if x.size else 0.0
-    denom = float(np.linalg.norm(x) * np.linalg.norm(ref))
-    return {"max_abs": max_abs, "rel": max_abs / max(float(np.abs(ref).max()), 1e-30),
-            "cosine": float(x @ ref / denom) if denom else 1.0, "finite": True}
+from moss_edge.runtime.prompt import TextTokenizer, prompt_ids
+from moss_edge.runtime.session import available_memory
 
 
 def check_reference(artifact_dir: str | Path, reference: str | Path) -> None:
@@ -97,6 +74,7 @@ class Verifier:
         self.reference, self.audio, self.steps, self.provider, self.evaluate = reference, audio, steps, provider, evaluate
         self._model: MossAudio | None = reference if isinstance(reference, MossAudio) else None
         self._source: str | None = None  # sha256 of the checkpoint _model was loaded from
+        self._recording: Recording | None = None  # the reference's answers, made once
 
     def check(self, artifact_dir: str | Path) -> None:
         """Refuse a wrong or missing reference now, before any quantization work; loads it once."""
@@ -116,219 +94,104 @@ class Verifier:
         """The reference, once `check` has loaded it."""
         return self._model
 
-    def __call__(self, artifact_dir: str | Path) -> dict:
+    def recording(self, artifact_dir: str | Path) -> Recording:
+        """The reference's answers on this verifier's clips, for the artifact's token ids and
+        tokenizer: made by the PyTorch model once, then reused (keep-until-pass rounds)."""
         self.check(artifact_dir)
-        return verify_artifact(artifact_dir, self._model, audio=self.audio, steps=self.steps, provider=self.provider,
-                               evaluate=self.evaluate)
+        if self._recording is None:
+            self._recording = record(self._model, artifact_dir, self.audio, steps=self.steps)
+        return self._recording
+
+    def __call__(self, artifact_dir: str | Path) -> dict:
+        recording = self.recording(artifact_dir)
+        return verify_artifact(artifact_dir, self._model, provider=self.provider, evaluate=self.evaluate,
+                               recording=recording)
 
 
-def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
-    def log_softmax(z):
-        z = np.asarray(z, np.float64) - np.max(z)
-        return z - np.log(np.exp(z).sum())
-    lp, lq = log_softmax(ref_logits), log_softmax(logits)
-    return float(np.sum(np.exp(lp) * (lp - lq)))
-
-
-def _reference_steps(ref: ReferencePipeline, prompt: list[int], audio: AudioFeatures, steps: int):
-    """Greedy tokens of the reference (no stop ids) and its logits before each of them."""
-    logits = ref.prefill(prompt, audio)
+def record(reference: MossAudio, artifact_dir: str | Path, audio: list[str] | None = None,
+           prompt: str | list[int] | None = None, steps: int = 16) -> Recording:
+    """What the fp32 PyTorch model answers on the clips (default: the bundled held-out clip),
+    with the artifact's token ids and tokenizer: encoder and adapter outputs, the prompt's
+    logits, and `steps` greedy steps with their logits."""
+    artifact = Artifact.load(artifact_dir, check_hashes=False, unfinished_ok=True)
+    tokenizer = TextTokenizer.from_dir(artifact.root) if artifact.tokenizer_files else None
+    ids = artifact.token_ids  # the ids the artifact was exported with
+    ref = ReferencePipeline(reference, ids)
+    audio = audio or [bundled_audio()]
+    waveforms = [load_audio(a) for a in audio]
+    if prompt is None:
+        prompt = "Describe the audio." if tokenizer else [ids.audio_start, ids.audio_end] * len(audio)
+    features = ref.encode(waveforms)
+    prompt = prompt_ids(prompt, features.clip_tokens, tokenizer, ids, artifact.dims.vocab_size)
+    logits = ref.prefill(prompt, features)
     tokens, all_logits = [], [logits]
     for i in range(steps):
-        tokens.append(int(np.argmax(logits)))
+        tokens.append(int(logits.argmax()))
         if i + 1 < steps:
             all_logits.append(logits := ref.step(tokens[-1]))
-    return tokens, all_logits
+    return Recording.from_logits(artifact.manifest["source"]["sha256"], [Path(a).name for a in audio], waveforms,
+                                 prompt, features, all_logits, tokens)
 
 
 def verify_artifact(artifact_dir: str | Path, reference: MossAudio | str | Path, audio: list[str] | None = None,
                     prompt: str | list[int] | None = None, steps: int = 16, provider: str = "cpu",
-                    evaluate: Callable[[Pipeline, MossAudio], dict | None] | None = None) -> dict:
-    """Compare an artifact with the fp32 PyTorch model; returns the report (see `summary`).
+                    evaluate: Callable[[Pipeline, MossAudio], dict | None] | None = None,
+                    recording: Recording | None = None) -> dict:
+    """Compare an artifact with the fp32 PyTorch model; returns the report (see
+    runtime/parity.py). recording: the model's answers when already made (else made here).
     evaluate(pipe, reference) may add a task report (reported, not gated), e.g. the sound-event
     model's accuracy (`moss_edge.sound_events.evaluate.task_report`)."""
     if not isinstance(reference, MossAudio):
         check_reference(artifact_dir, reference)
         reference = reference_model(reference, artifact_dir)
-    # fp16 graphs on the CPU provider, which has no fp16 kernels for them: their fp32 twins, each
-    # value rounded to fp16 where it is made (quantize/half_emulation.py)
-    with cpu_view(artifact_dir) if provider == "cpu" else nullcontext(Path(artifact_dir)) as path:
-        report = _verify(path, reference, audio, prompt, steps, provider, evaluate)
-        report["artifact"] = str(artifact_dir)
-        emulated = fp16_graphs(report.pop("manifest"))
-        if provider == "cpu" and emulated:
-            report["emulated"] = {"graphs": emulated, "how": "fp16 graphs run on fp32 kernels, each fp16 value "
-                                  "rounded to fp16 where it is made (no fp16 kernels on this provider)"}
-    return report
-
-
-def _verify(artifact_dir: Path, reference: MossAudio, audio, prompt, steps: int, provider: str, evaluate) -> dict:
-    with warnings.catch_warnings():  # checking again an artifact that failed: the report says so itself
-        warnings.simplefilter("ignore", ParityWarning)
-        # export/quantize verify before finishing; the decoders are loaded one at a time below
-        pipe = Pipeline.load(artifact_dir, provider, unfinished_ok=True, with_decoder=False)
-    ref = ReferencePipeline(reference, pipe.ids)  # the ids the artifact was exported with
-    audio = audio or [bundled_audio()]
-    waveforms = [load_audio(a) for a in audio]
-    if prompt is None:
-        prompt = "Describe the audio." if pipe.tokenizer else [pipe.ids.audio_start, pipe.ids.audio_end] * len(audio)
-    ref_audio = ref.encode(waveforms)
-    art_audio = pipe.encode(waveforms)
-    prompt_ids = pipe.prompt_ids(prompt, art_audio.clip_tokens)
-
-    adapter_embeds, adapter_deepstack = run_typed(pipe.adapter, {"audio_tokens": ref_audio.tokens, "taps": ref_audio.taps})
-    graphs = {
-        "encoder": {"audio_tokens": compare(art_audio.tokens, ref_audio.tokens), "taps": compare(art_audio.taps, ref_audio.taps)},
-        "adapter": {"audio_embeds": compare(adapter_embeds, ref_audio.embeds),
-                    "deepstack_embeds": compare(adapter_deepstack, ref_audio.deepstack)},
-    }
-    ref_tokens, ref_logits = _reference_steps(ref, prompt_ids, ref_audio, steps)
-    # Every decoder graph the artifact has: the provider's own, then the others (on CPU), one
-    # loaded at a time (at 4B each holds ~2 GB of weights).
-    # and the prompt graph (decoder_prefill, prompts on the integer GEMM) with decoder_ort's tokens
-    per_decoder = {}
-    names = [pipe.decoder_graph, *(n for n in ("decoder", ORT_DECODER, CUDA_DECODER)
-                                   if n in pipe.artifact.manifest["graphs"] and n != pipe.decoder_graph)]
-    if pipe.artifact.manifest.get("prefill", {}).get("cpu") == PREFILL_DECODER and ORT_DECODER in names:
-        names.append(PREFILL_DECODER)
-    for name in names:
-        with warnings.catch_warnings():
+    recording = recording or record(reference, artifact_dir, audio, prompt, steps)
+    with emulated_on_cpu(artifact_dir, provider) as path:
+        with warnings.catch_warnings():  # checking again an artifact that failed: the report says so itself
             warnings.simplefilter("ignore", ParityWarning)
-            host = pipe if provider == "cpu" or name == pipe.decoder_graph else Pipeline(pipe.artifact, "cpu", with_decoder=False)
-            runner = (host.using_decoder(ORT_DECODER, prefill="int8") if name == PREFILL_DECODER
-                      else host.using_decoder(name))
-        graphs[name] = {"prefill_logits": compare(runner.prefill(prompt_ids, ref_audio), ref_logits[0])}
-        per_decoder[name] = _decode_steps(runner, prompt_ids, art_audio, ref_tokens, ref_logits, steps)
-        del runner
-    classes = {"int8-dynamic": "int8", "w8a8": "int8"}
-    half = set(fp16_graphs(pipe.artifact.manifest))  # an fp32-weight graph computing in fp16 is held to fp16's gates
-    precision = max((classes.get(g["precision"], "fp16" if name in half and g["precision"] == "fp32" else g["precision"])
-                     for name, g in pipe.artifact.manifest["graphs"].items()),
-                    key=ORDER.index)
-    limits = THRESHOLDS[precision]
-    per_step, end_to_end = per_decoder[pipe.decoder_graph]
-    failures = gate(graphs, end_to_end, limits)
-    for name, (_, figures) in per_decoder.items():
-        if name != pipe.decoder_graph:
-            failures += [f"{name}: {f}" for f in gate({}, figures, limits)]
-    cosines = [m["cosine"] for o in graphs.values() for m in o.values()]
-    summary = {"passed": not failures, "precision": precision, "steps": steps, "decoder": pipe.decoder_graph,
-               "worst_cosine": float("nan") if any(np.isnan(cosines)) else min(cosines),
-               "prefill_logits_rel": graphs[pipe.decoder_graph]["prefill_logits"]["rel"],
-               "kl_mean": end_to_end["kl_mean"], "top1_agreement": end_to_end["top1_agreement"],
-               "top1_decided": end_to_end["top1_decided"],
-               "greedy_match": end_to_end["greedy_match"], "failures": failures}
-    report = {"artifact": str(artifact_dir), "manifest": pipe.artifact.manifest, "audio": [str(a) for a in audio],
-              "prompt_tokens": len(prompt_ids),
-              "reference": "fp32 PyTorch, " + ("one piece at a time from the shards" if getattr(reference, "piecewise", False)
-                                                else "whole model in memory"),
-              "graphs": graphs, "steps": per_step, "end_to_end": end_to_end,
-              "end_to_end_by_decoder": {name: figures for name, (_, figures) in per_decoder.items()},
-              "thresholds": limits, "summary": summary}
-    task = evaluate(pipe.using_decoder(pipe.decoder_graph, pipe.prefill_path), reference) if evaluate else None
-    if task:  # reported, not gated: on a few hundred examples a point or two is sampling noise
-        report["task"] = task
-        if PREFILL_DECODER in names:  # the other prompt path too: which one runs depends on the CPU
-            other = "decoder" if pipe.prefill_path == "int8" else "int8"
-            task["artifact_by_prefill"] = {
-                pipe.prefill_path: task["artifact"],
-                other: evaluate(pipe.using_decoder(pipe.decoder_graph, other), reference)["artifact"]}
-        summary.update(task_exact_match=task["artifact"]["exact_match"], task_reference_exact_match=task["reference"]["exact_match"],
-                       event_list_exact_match=task["artifact"]["event_list_exact_match"])
+            # export/quantize verify before finishing; the decoders are loaded one at a time
+            pipe = Pipeline.load(path, provider, unfinished_ok=True, with_decoder=False)
+        report = check_pipeline(pipe, recording)
+        report["artifact"] = str(artifact_dir)  # not the emulated view's folder
+        report["reference"] = "fp32 PyTorch, " + ("one piece at a time from the shards" if getattr(reference, "piecewise", False)
+                                                  else "whole model in memory")
+        mark_emulated(report, pipe.artifact.manifest, provider)
+        if evaluate:
+            add_task(report, pipe, reference, evaluate)
     return report
 
 
-def _decode_steps(pipe: Pipeline, prompt_ids: list[int], audio: AudioFeatures, ref_tokens: list[int],
-                  ref_logits: list[np.ndarray], steps: int) -> tuple[list[dict], dict]:
-    """Teacher-forced on the reference tokens, from the artifact's own audio features, then
-    free-running greedy: the per-step figures and the end-to-end ones."""
-    per_step = []
-    art_logits = pipe.prefill(prompt_ids, audio)
-    for i, ref_step in enumerate(ref_logits):
-        top2 = np.sort(ref_step)[-2:]
-        err = float(np.abs(art_logits - ref_step).max())
-        per_step.append({"step": i, "kl": kl_divergence(ref_step, art_logits), "max_abs": err,
-                         "top1_agree": bool(np.argmax(art_logits) == np.argmax(ref_step)),
-                         "near_tie": bool(top2[1] - top2[0] < 2 * err)})
-        if i + 1 < len(ref_logits):
-            art_logits = pipe.step(ref_tokens[i])
-    art_tokens = list(generate_tokens(pipe, prompt_ids, audio, SamplingOptions(max_new_tokens=steps), stop_ids=[]))
-    return per_step, decode_figures(per_step, ref_tokens, art_tokens)
+def emulated_on_cpu(artifact_dir: str | Path, provider: str):
+    """The artifact as the CPU provider can run it: fp16 graphs, which it has no kernels for, as
+    their fp32 twins with every value rounded to fp16 where it is made (quantize/half_emulation.py)."""
+    return cpu_view(Path(artifact_dir)) if provider == "cpu" else nullcontext(Path(artifact_dir))
 
 
-def decode_figures(per_step: list[dict], ref_tokens: list[int], art_tokens: list[int]) -> dict:
-    """End-to-end figures from the teacher-forced steps and the two free-running greedy runs."""
-    decided = [s for s in per_step if not s["near_tie"]]
-    prefix = next((i for i, (a, b) in enumerate(zip(art_tokens, ref_tokens)) if a != b), len(ref_tokens))
-    return {
-        "kl_mean": float(np.mean([s["kl"] for s in per_step])), "kl_max": float(max(s["kl"] for s in per_step)),
-        # None when every step was a near-tie: nothing was measured, so nothing is claimed
-        "top1_agreement": (sum(s["top1_agree"] for s in decided) / len(decided)) if decided else None,
-        "top1_decided": len(decided), "near_ties": len(per_step) - len(decided),
-        "greedy_match": prefix / len(ref_tokens), "greedy_reference": ref_tokens, "greedy_artifact": art_tokens,
-        # Free-running greedy decoding diverges for good at the first differing token; a divergence
-        # at a near-tie of the reference is a coin flip, not an accuracy failure.
-        "diverged_at_near_tie": prefix < len(per_step) and per_step[prefix]["near_tie"],
-    }
+def mark_emulated(report: dict, manifest: dict, provider: str) -> None:
+    emulated = fp16_graphs(manifest)
+    if provider == "cpu" and emulated:
+        report["emulated"] = {"graphs": emulated, "how": "fp16 graphs run on fp32 kernels, each fp16 value "
+                              "rounded to fp16 where it is made (no fp16 kernels on this provider)"}
 
 
-def gate(graphs: dict, end_to_end: dict, limits: dict) -> list[str]:
-    """What fails the thresholds. Each test reads "not (value within limit)", so NaN fails it;
-    a figure with nothing measured behind it (top-1 when all steps were near-ties) is not gated."""
-    failures = []
-    for graph, outputs in graphs.items():
-        for name, m in outputs.items():
-            if not m["finite"]:
-                failures.append(f"{graph}.{name} has NaN or infinite values")
-            elif not m["cosine"] >= limits["cosine"]:
-                failures.append(f"{graph}.{name} cosine {m['cosine']:.6f} < {limits['cosine']}")
-            elif limits["rel"] is not None and not m["rel"] <= limits["rel"]:
-                failures.append(f"{graph}.{name} relative error {m['rel']:.2e} > {limits['rel']}")
-    if not end_to_end["kl_mean"] <= limits["kl_mean"]:
-        failures.append(f"mean KL {end_to_end['kl_mean']:.2e} > {limits['kl_mean']}")
-    if end_to_end["top1_decided"] and not end_to_end["top1_agreement"] >= limits["top1"]:
-        failures.append(f"top-1 agreement {end_to_end['top1_agreement']:.3f} < {limits['top1']}")
-    if not end_to_end["greedy_match"] >= limits["greedy"] and not end_to_end["diverged_at_near_tie"]:
-        failures.append(f"greedy match {end_to_end['greedy_match']:.3f} < {limits['greedy']}")
-    return failures
+def add_task(report: dict, pipe: Pipeline, reference: MossAudio, evaluate) -> None:
+    """The task report (reported, not gated: on a few hundred examples a point or two is sampling
+    noise), for each prompt path when the artifact has the INT8 prompt graph."""
+    task = evaluate(pipe.using_decoder(pipe.decoder_graph, pipe.prefill_path), reference)
+    if not task:
+        return
+    report["task"] = task
+    if PREFILL_DECODER in report["graphs"]:  # the other prompt path too: which one runs depends on the CPU
+        other = "decoder" if pipe.prefill_path == "int8" else "int8"
+        task["artifact_by_prefill"] = {pipe.prefill_path: task["artifact"],
+                                       other: evaluate(pipe.using_decoder(pipe.decoder_graph, other), reference)["artifact"]}
+    report["summary"].update(task_exact_match=task["artifact"]["exact_match"],
+                             task_reference_exact_match=task["reference"]["exact_match"],
+                             event_list_exact_match=task["artifact"]["event_list_exact_match"])
 
 
-def top1_text(agreement: float | None, decided: int, steps: int) -> str:
-    if agreement is None:
-        return f"n/a (all {steps} steps were near-ties)"
-    return f"{agreement:.3f} ({decided} of {steps} steps decided)"
-
-
-def report_markdown(report: dict) -> str:
-    s = report["summary"]
-    lines = [f"# Parity report: {report['artifact']}", "",
-             f"**{'PASSED' if s['passed'] else 'FAILED'}** at {s['precision']} thresholds "
-             f"({report['prompt_tokens']} prompt tokens, {s['steps']} steps, audio: {', '.join(Path(a).name for a in report['audio'])})", "",
-             "| graph | output | max abs | relative | cosine |", "|---|---|---|---|---|"]
-    for graph, outputs in report["graphs"].items():
-        for name, m in outputs.items():
-            lines.append(f"| {graph} | {name} | {m['max_abs']:.3e} | {m['rel']:.3e} | {m['cosine']:.7f} |")
-    e = report["end_to_end"]
-    lines += ["", f"| end to end ({s.get('decoder', 'decoder')}) | value |", "|---|---|",
-              f"| mean KL / max KL | {e['kl_mean']:.3e} / {e['kl_max']:.3e} |",
-              f"| top-1 agreement (off near-ties) | {top1_text(e['top1_agreement'], e['top1_decided'], s['steps'])} |",
-              f"| greedy prefix match | {e['greedy_match']:.3f}"
-              f"{' (diverged at a near-tie)' if e.get('diverged_at_near_tie') else ''} |"]
-    for name, other in report.get("end_to_end_by_decoder", {}).items():
-        if name != s.get("decoder", "decoder"):
-            label = f"{name} prompts, {ORT_DECODER} tokens" if name == PREFILL_DECODER else name
-            lines.append(f"| {label}: mean KL / top-1 / greedy | {other['kl_mean']:.3e} / "
-                         f"{top1_text(other['top1_agreement'], other['top1_decided'], s['steps'])} / {other['greedy_match']:.3f} |")
-    if "task" in report:
-        t = report["task"]
-        lines += ["", f"Task accuracy (sound events, {t['n']} held-out examples, exact match):", "",
-                  "| model | overall | " + " | ".join(t["reference"]["per_task"]) + " |",
-                  "|---|---|" + "---|" * len(t["reference"]["per_task"])]
-        rows = [("reference", t["reference"])] + ([(f"artifact, {PROMPT_PATHS[path]}", r) for path, r in
-                                                   t["artifact_by_prefill"].items()]
-                                                  if "artifact_by_prefill" in t else [("artifact", t["artifact"])])
-        for name, r in rows:
-            lines.append(f"| {name} | {r['exact_match']:.3f} | " + " | ".join(f"{v:.3f}" for v in r["per_task"].values()) + " |")
-    if s["failures"]:
-        lines += ["", "Failures:", *[f"- {f}" for f in s["failures"]]]
-    return "\n".join(lines) + "\n"
+def keep_recording(folder: Path, recording: Recording, manifest: dict) -> None:
+    """Store the reference's answers in the artifact being written (runtime/parity.py checks
+    against them on a device) and name them in its manifest."""
+    path = folder / RECORDING
+    recording.save(path)
+    manifest["reference"] = recording.manifest_entry(path)

@@ -102,12 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --stream-input: the offline path's result (re-encodes chunks the final mel floor changes)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("verify", help="compare an artifact with the PyTorch reference",
-                       epilog="example: moss-edge verify moss-4b-int4 --reference MOSS-Audio-4B-Instruct --json parity.json")
+    p = sub.add_parser("verify", help="compare an artifact with the PyTorch model: its recorded answers, or the checkpoint",
+                       epilog="examples: moss-edge verify moss-4b-trt --provider tensorrt (the recorded answers, no "
+                              "PyTorch); moss-edge verify moss-4b-int4 --reference MOSS-Audio-4B-Instruct --json parity.json")
     p.add_argument("artifact")
-    p.add_argument("--reference", help="the checkpoint the artifact came from (default: the path its manifest records)")
+    p.add_argument("--reference", help="the checkpoint the artifact came from, run with PyTorch (default: the answers "
+                                       "the artifact recorded from it; without them, the checkpoint its manifest names)")
     p.add_argument("--audio", action="append", help="audio file(s) to check on (default: a bundled recording)")
-    p.add_argument("--steps", type=int, default=32, help="decode steps compared")
+    p.add_argument("--steps", type=int, default=32, help="decode steps compared, with --reference (the recorded answers have theirs)")
     p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
     p.add_argument("--task-examples", type=int, default=100,
                    help="held-out sound-event examples for task accuracy, when the artifact comes from `moss-edge train-tiny`'s model (0: off)")
@@ -193,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--check", action="store_true",
+                   help="check the artifact against its recorded reference answers first; refuse to serve it if it fails")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="show an artifact's manifest as a table", epilog="example: moss-edge info moss-4b-int4")

@@ -69,7 +69,7 @@ def _finish(out: Path, parity: dict, advice: str) -> None:
 
 
 def _print_summary(summary: dict) -> None:
-    from moss_edge.export.verify import top1_text
+    from moss_edge.runtime.parity import top1_text
 
     if "skipped" in summary:
         print(f"parity not checked: {summary['skipped']}")
@@ -158,10 +158,17 @@ def _live_source(pipe, args, opts):
 
 
 def cmd_verify(args) -> None:
-    from moss_edge.export.verify import Verifier, report_markdown
-    from moss_edge.sound_events.evaluate import task_report
+    from moss_edge.runtime.artifact import Artifact
+    from moss_edge.runtime.parity import report_markdown
 
-    report = Verifier(args.reference, args.audio, args.steps, args.provider, task_report(args.task_examples))(args.artifact)
+    recorded = "reference" in Artifact.load(args.artifact, check_hashes=False, unfinished_ok=True).manifest
+    if args.reference is None and not args.audio and recorded:
+        report = verify_recorded(args.artifact, args.provider)  # no PyTorch needed
+    else:
+        from moss_edge.export.verify import Verifier
+        from moss_edge.sound_events.evaluate import task_report
+
+        report = Verifier(args.reference, args.audio, args.steps, args.provider, task_report(args.task_examples))(args.artifact)
     markdown = report_markdown(report)
     for path, text in ((args.json, json.dumps(report, indent=2)), (args.markdown, markdown)):
         if path:
@@ -173,6 +180,26 @@ def cmd_verify(args) -> None:
     print(json.dumps(report["summary"], indent=2) if args.print_json else markdown)
     if not report["summary"]["passed"]:
         raise SystemExit(1)
+
+
+def verify_recorded(artifact: str, provider: str) -> dict:
+    """The artifact on `provider` against the answers it carries. fp16 graphs on the CPU run as
+    their emulated fp32 twins, which needs onnx (the export extra); GPUs run them as they are."""
+    from moss_edge.runtime.artifact import Artifact, fp16_graphs
+    from moss_edge.runtime.parity import check_recorded
+
+    if provider != "cpu" or not fp16_graphs(Artifact.load(artifact, check_hashes=False, unfinished_ok=True).manifest):
+        return check_recorded(artifact, provider)
+    try:
+        from moss_edge.export.verify import emulated_on_cpu, mark_emulated
+    except ImportError:
+        raise MossEdgeError(f"{artifact} computes in fp16, for GPUs: verify it with --provider cuda or tensorrt, or "
+                            "install the export extra (onnx) to run its graphs emulated on this CPU") from None
+    with emulated_on_cpu(artifact, provider) as view:
+        report = check_recorded(view, provider)
+    report["artifact"] = artifact
+    mark_emulated(report, Artifact.load(artifact, check_hashes=False).manifest, provider)
+    return report
 
 
 def cmd_check(args) -> None:
@@ -345,6 +372,14 @@ def cmd_serve(args) -> None:
     from moss_edge.serve import serve
 
     Artifact.load(args.artifact)  # a missing or damaged artifact says so before the server starts
+    if args.check:  # the artifact's answers on this machine, before any client sees one
+        from moss_edge.runtime.parity import check_recorded
+
+        summary = check_recorded(args.artifact, "cpu")["summary"]
+        if not summary["passed"]:
+            raise MossEdgeError(f"{args.artifact} fails its parity check on this machine ({'; '.join(summary['failures'])}): "
+                                "not serving it; `moss-edge verify` prints the report")
+        print(f"parity check passed on this machine (worst cosine {summary['worst_cosine']:.6f})", file=sys.stderr)
     serve(Path(args.artifact), args.instances, args.threads, args.host, args.http_port, args.grpc_port,
           args.metrics_port, log=lambda m: print(m, file=sys.stderr, flush=True))
 

@@ -38,7 +38,8 @@ def run_demo(workdir: str | None = None, audio: str | None = None, max_new_token
     from moss_edge.export.synthetic import preset, write_synthetic_checkpoint
     from moss_edge.sound_events.evaluate import task_report
     from moss_edge.sound_events.task import make_example, normalise
-    from moss_edge.export.verify import Verifier, report_markdown
+    from moss_edge.export.verify import Verifier
+    from moss_edge.runtime.parity import report_markdown
     from moss_edge.quantize.artifact import quantize_artifact
     from moss_edge.quantize.recipe import GraphRecipe, Recipe
     from moss_edge.runtime.pipeline import Pipeline

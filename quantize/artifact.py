@@ -142,7 +142,7 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
     """The new artifact's manifest, from the source's and what was written; written once,
     marked unfinished until the artifact is verified."""
     manifest = json.loads(json.dumps(src.manifest))
-    for key in ("parity", "parity_report", "weights_in_checkpoint"):  # the source's, not these graphs'
+    for key in ("parity", "parity_report", "weights_in_checkpoint", "reference"):  # the source's, not these graphs'
         manifest.pop(key, None)
     hashed = {}  # decoder and decoder_ort share decoder.onnx.data: hashed once
     manifest["graphs"] = {name: graph_entry(tmp, name, w.precision, w.proto, hashed) for name, w in written.items()}
@@ -242,6 +242,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
         report = verify(tmp) if verify else None
         if keep_until_pass and not report["summary"]["passed"] and plans["decoder"].rules:
             manifest, report = keep_more_precise_until_pass(src, tmp, recipe, plans, calib, written, verify, log)
+        keep_reference(src, tmp, verify, manifest)
         if report is not None:
             report["artifact"] = str(out)  # checked in the staging folder, reported where it will live
             manifest["parity"] = report["summary"]
@@ -250,6 +251,20 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
         del manifest["unfinished"]
         write_manifest(tmp, manifest)  # the last file written
     return QuantizeResult(out, manifest, report)
+
+
+def keep_reference(src: Artifact, tmp: Path, verify, manifest: dict) -> None:
+    """The PyTorch model's recorded answers in the new artifact: the verifier's, or, unverified,
+    the source artifact's (the model's too, never the fp32 artifact's), so that every precision
+    is checked against the model itself."""
+    if hasattr(verify, "recording"):
+        from moss_edge.export.verify import keep_recording
+
+        keep_recording(tmp, verify.recording(tmp), manifest)
+    elif "reference" in src.manifest:
+        entry = src.manifest["reference"]
+        shutil.copy(src.file(entry["file"]), tmp / entry["file"])
+        manifest["reference"] = dict(entry)
 
 
 def export_quantized(checkpoint_dir: str | Path, out_dir: str | Path, recipe: Recipe, opset: int = 21,

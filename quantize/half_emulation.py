@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from moss_edge.runtime.artifact import sha256_file
+from moss_edge.runtime.artifact import fp16_graphs, sha256_file
 
 PEAK_PREFIX = "peak:"
 FP16_MAX = 65504.0
@@ -96,17 +96,6 @@ def emulated(model: onnx.ModelProto, peaks: bool = False) -> onnx.ModelProto:
     g.node.extend(front + nodes)
     del g.value_info[:]
     return model
-
-
-# the input that carries each graph's activations (its type is the graph's compute type)
-ACTIVATION_INPUT = {"encoder": "mel", "adapter": "audio_tokens"}
-
-
-def fp16_graphs(manifest: dict) -> list[str]:
-    """The artifact's graphs that compute in fp16 (their activation input is fp16)."""
-    return [name for name, entry in manifest["graphs"].items()
-            if any(i["name"] == ACTIVATION_INPUT.get(name, "audio_embeds") and i["dtype"] == "float16"
-                   for i in entry["inputs"])]
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

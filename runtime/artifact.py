@@ -83,6 +83,9 @@ class Artifact:
 
     def check_files(self, check_hashes: bool) -> None:
         named = [(file, digest, "tokenizer") for file, digest in self.tokenizer_files.items()]
+        reference = self.manifest.get("reference")
+        if reference:  # the recorded answers verify checks against: hashed like every other file
+            named.append((reference.get("file", ""), reference.get("sha256", ""), "recorded reference answers"))
         for name, graph in self.manifest["graphs"].items():
             if graph.get("file") not in graph.get("files", {}):
                 raise MossEdgeError(f"{self.root}/manifest.json: the {name} graph's file is not among its hashed files")
@@ -138,3 +141,14 @@ class Artifact:
     def dims(self) -> Dims:
         """The sizes the graphs were built with (the graph contract's Dims)."""
         return Dims.from_manifest(self.manifest["model"])
+
+
+# the input that carries each graph's activations (its type is the graph's compute type)
+ACTIVATION_INPUT = {"encoder": "mel", "adapter": "audio_tokens"}
+
+
+def fp16_graphs(manifest: dict) -> list[str]:
+    """The artifact's graphs that compute in fp16 (their activation input is fp16)."""
+    return [name for name, entry in manifest["graphs"].items()
+            if any(i["name"] == ACTIVATION_INPUT.get(name, "audio_embeds") and i["dtype"] == "float16"
+                   for i in entry["inputs"])]

@@ -231,6 +231,19 @@ class Pipeline:
         other._lock, other._owner = threading.Lock(), None
         return other
 
+    def check(self) -> dict:
+        """This pipeline, as loaded (provider, decoder, prompt path), against the PyTorch model's
+        answers the artifact carries (runtime/parity.py): the report `verify` prints, with
+        report["summary"]["passed"]; for a product to run at start-up. Needs no PyTorch."""
+        from moss_edge.runtime.parity import check_pipeline, recorded
+
+        if self.decoder is None:
+            raise MossEdgeError("this pipeline was loaded without its decoder (with_decoder=False); load it whole to check it")
+        with self._serving():
+            report = check_pipeline(self, recorded(self.artifact), itself=True)
+        report["reference"] = "recorded answers of the fp32 PyTorch model"
+        return report
+
     def open_stream(self, prompt: str | list[int], rate: int = SAMPLE_RATE, exact: bool = False,
                     deepstack: bool = True):
         """A live request (runtime/streaming.py): feed() audio as it arrives, then finish().

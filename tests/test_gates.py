@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from moss_edge.cli import main
 from moss_edge.commands import _print_summary
-from moss_edge.export.verify import THRESHOLDS, Verifier, decode_figures, gate, report_markdown
+from moss_edge.export.verify import Verifier
+from moss_edge.runtime.parity import THRESHOLDS, decode_figures, gate, report_markdown
 from moss_edge.quantize.artifact import quantize_artifact
 from moss_edge.quantize.plan import FLOAT_TYPES
 from moss_edge.quantize.recipe import PRESETS

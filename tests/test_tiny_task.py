@@ -11,7 +11,8 @@ import moss_edge
 from moss_edge.export.model import MossAudio
 from moss_edge.export.onnx_export import export_artifact
 from moss_edge.export.reference import ReferencePipeline
-from moss_edge.export.verify import report_markdown, verify_artifact
+from moss_edge.export.verify import verify_artifact
+from moss_edge.runtime.parity import report_markdown
 from moss_edge.runtime.prompt import TextTokenizer, chat_prompt_ids
 from moss_edge.sound_events.evaluate import answerer, evaluate, model_and_tokenizer, task_report
 from moss_edge.sound_events.task import (CLASSES, SYSTEM, TASKS, Event, build_tokenizer, make_clip, make_example,
