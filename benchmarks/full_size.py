@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=["4b", "8b"], default="4b")
     parser.add_argument("--recipe", default="int4-awq")
     parser.add_argument("--workdir", type=Path, required=True, help="a folder on a disk with room for the checkpoint")
-    parser.add_argument("--verify-steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps in the parity check")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args()
     work, logs = args.workdir, args.workdir / "logs"
@@ -120,7 +120,7 @@ def main() -> None:
     once("export_quantize", lambda: run_step(
         "export --recipe", [*CLI, "export", str(checkpoint), "-o", str(artifact), "--recipe", args.recipe, "--no-verify",
                             "--cache-dir", str(work / "cache")], work, logs / "export.log"))
-    once("verify", lambda: run_step("verify", [*CLI, "verify", str(artifact), "--steps", str(args.verify_steps),
+    once("verify", lambda: run_step("verify", [*CLI, "verify", str(artifact), "--steps", str(args.steps),
                                                "--json", str(work / "parity.json")], work, logs / "verify.log", ok=(0, 1)))
     run = once("run", lambda: time_model("ort", artifact, settings, logs / "run.log"))
     # upstream-style PyTorch bf16 on the same checkpoint at full depth, in the same run

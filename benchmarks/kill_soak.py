@@ -47,12 +47,12 @@ def main() -> None:
         write_synthetic_checkpoint(ckpt, preset("tiny"), dtype="fp32")
     cli = [sys.executable, "-m", "moss_edge.cli"]
     if not (work / "fp32").exists():
-        subprocess.run(cli + ["export", str(ckpt), "-o", str(work / "fp32"), "--verify-steps", "4"], check=True,
+        subprocess.run(cli + ["export", str(ckpt), "-o", str(work / "fp32"), "--steps", "4"], check=True,
                        capture_output=True)
     rng = random.Random(0)
     runs = []
     for i in range(args.runs):
-        for command in (["export", str(ckpt), "--verify-steps", "4"],
+        for command in (["export", str(ckpt), "--steps", "4"],
                         ["quantize", str(work / "fp32"), "--recipe", "int4-awq", "--steps", "4", "--task-examples", "0",
                          "--cache-dir", str(work / "cache")]):
             delay = rng.uniform(0.5, 30.0 if command[0] == "export" else 14.0)  # past each one's usual length

@@ -31,7 +31,7 @@ from moss_edge.export.writer import check_output, graph_entry, staged_dir, write
 from moss_edge.runtime.artifact import FORMAT, FORMAT_VERSION, sha256_file
 from moss_edge.runtime.graphs import GRAPHS, ORT_DECODER, graph_spec
 from moss_edge.runtime.errors import MossEdgeError
-from moss_edge.runtime.prompt import TextTokenizer, TokenIds
+from moss_edge.runtime.prompt import TextTokenizer, TokenIds, check_token_ids
 
 OPSET = 21
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -221,27 +221,15 @@ def export_graphs(checkpoint_dir: Path, cfg, audio_token: int, out: Path, opset:
     export("decoder", DecoderGraph(model, audio_token), args, (*shapes[:4], tuple(shapes[4:])))
 
 
-def check_token_ids(ids: TokenIds, vocab_size: int) -> None:
-    """Every id the runtime feeds must index the embedding table; say which flag sets a bad one."""
-    named = [("audio_token", ids.audio_token, "--audio-token-id"), ("audio_start", ids.audio_start, "--audio-start-id"),
-             ("audio_end", ids.audio_end, "--audio-end-id"), *[(f"digit {d}", t, "--digit-ids") for d, t in enumerate(ids.digits)],
-             *[("stop", t, "eos_token_id in generation_config.json") for t in ids.stop]]
-    bad = [f"{what} = {value} (set it with {flag})" for what, value, flag in named if not 0 <= value < vocab_size]
-    if bad:
-        raise MossEdgeError(f"token ids outside the vocabulary of {vocab_size}: {'; '.join(bad)}. The checkpoint has no "
-                            "processor_config.json naming them (or names wrong ones): pass the ids it was trained with")
-    if len({ids.audio_token, ids.audio_start, ids.audio_end}) < 3:
-        raise MossEdgeError(f"the audio token, audio start and audio end ids must differ; got {ids.audio_token}, "
-                            f"{ids.audio_start}, {ids.audio_end}")
-
-
 def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int = OPSET, verify_steps: int = 16,
-                    token_ids: TokenIds | None = None, log=print, in_checkpoint: bool = False) -> Path:
+                    token_ids: TokenIds | None = None, log=print, in_checkpoint: bool = False,
+                    verify_audio: list[str] | None = None) -> Path:
     """Checkpoint -> fp32 artifact, with the parity report against the PyTorch model inside.
 
     token_ids overrides what the checkpoint's processor/generation configs say. in_checkpoint:
     the graphs only, their weights left in the checkpoint for the quantizer to read (the source
     of `quantize.artifact.export_quantized`); no ORT decoder, no parity check."""
+    from moss_edge.export.card import write_card
     from moss_edge.export.verify import Verifier, keep_recording
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
@@ -250,7 +238,8 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
     check_output(out)
     cfg = load_config(checkpoint_dir)
     ids = token_ids or read_token_ids(checkpoint_dir)
-    check_token_ids(ids, cfg.language.vocab_size)
+    check_token_ids(ids, cfg.language.vocab_size, "The checkpoint has no processor_config.json naming them (or names "
+                    "wrong ones): pass the ids it was trained with")
     check_checkpoint(checkpoint_dir)  # a missing or mis-shaped tensor fails now, not after the tracing
     if any((checkpoint_dir / f).is_file() for f in TOKENIZER_FILES[:3]):
         TextTokenizer.from_dir(checkpoint_dir)  # an unreadable tokenizer fails now too
@@ -284,14 +273,15 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
         if not in_checkpoint:  # the quantized artifact made from graphs left in the checkpoint checks its own
             manifest.update(deployment_entries(tmp, manifest))
         write_manifest(tmp, manifest)
+        report = None
         if in_checkpoint:
             manifest["weights_in_checkpoint"] = True
             manifest["parity"] = {"skipped": "the weights are in the checkpoint: the quantized artifact is verified"}
         elif verify_steps == 0:
-            manifest["parity"] = {"skipped": "export was asked not to verify (--verify-steps 0)"}
+            manifest["parity"] = {"skipped": "export was asked not to verify (--no-verify)"}
         else:
             log("checking parity against the PyTorch model")
-            verifier = Verifier(checkpoint_dir, steps=verify_steps)
+            verifier = Verifier(checkpoint_dir, verify_audio, steps=verify_steps)
             try:
                 report = verifier(tmp)
             except MossEdgeError as err:  # too big to check here: the quantized artifacts are verified
@@ -304,5 +294,7 @@ def export_artifact(checkpoint_dir: str | Path, out_dir: str | Path, opset: int 
                 (tmp / "parity.json").write_text(json.dumps(report, indent=2))
                 manifest["parity_report"] = "parity.json"
         del manifest["unfinished"]
+        if not in_checkpoint:
+            write_card(tmp, manifest, report, str(out))
         write_manifest(tmp, manifest)  # the last file written
     return out

@@ -4,19 +4,35 @@ import argparse
 import os
 import sys
 
+from moss_edge import __version__
 from moss_edge.commands import (cmd_bench, cmd_check, cmd_demo, cmd_eval, cmd_eval_many, cmd_export, cmd_info, cmd_quantize, cmd_run,
                                 cmd_serve, cmd_synthetic, cmd_train_tiny, cmd_triton_repo, cmd_verify)
 from moss_edge.runtime.errors import MossEdgeError
 
 
+def _steps(text: str) -> int:
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: decode steps are a whole number >= 1 (--no-verify skips the check)")
+    return steps
+
+
+def _parity_options(p, steps: int, skip: bool = True) -> None:
+    """The parity check's options, with the same names and meanings in export, quantize and verify."""
+    p.add_argument("--audio", action="append", help="held-out audio for the parity check (default: a bundled recording)")
+    p.add_argument("--steps", type=_steps, default=steps, help=f"decode steps in the parity check (default {steps})")
+    if skip:
+        p.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    p.add_argument("--task-examples", type=int, default=100,
+                   help="held-out sound-event examples for task accuracy, when the artifact comes from `moss-edge train-tiny`'s model (0: off)")
+
+
 def _quantize_options(p) -> None:
     p.add_argument("--calibration", help="audio folder, glob or list file (default: the bundled recordings)")
     p.add_argument("--reference", help="checkpoint to verify against (default: the one the artifact came from)")
-    p.add_argument("--verify-audio", action="append", help="held-out audio for the parity check")
-    p.add_argument("--steps", type=int, default=32, help="decode steps in the parity check")
-    p.add_argument("--no-verify", action="store_true", help="skip the parity check")
-    p.add_argument("--task-examples", type=int, default=100,
-                   help="held-out sound-event examples for task accuracy, when the artifact comes from `moss-edge train-tiny`'s model (0: off)")
     p.add_argument("--keep-until-pass", action="store_true",
                    help="keep the most error-sensitive decoder weights more precise until the parity check passes")
     p.add_argument("--cache-dir", help="where calibration statistics are cached (default ~/.cache/moss-edge)")
@@ -27,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     from moss_edge.runtime.session import PROVIDERS
 
     parser = argparse.ArgumentParser(prog="moss-edge", description="Export, quantize and run MOSS-Audio on edge devices.")
+    parser.add_argument("--version", action="version", version=f"moss-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the built-in end-to-end demo, offline",
@@ -53,7 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the artifact folder to create")
     p.add_argument("--opset", type=int, default=21,
                    help="21 (default) runs everywhere incl. TensorRT 10.3; 23 fuses attention and RMSNorm (ORT CPU only)")
-    p.add_argument("--verify-steps", type=int, default=16, help="decode steps in the parity check")
     p.add_argument("--audio-token-id", type=int, help="id of <|AUDIO|> (default: processor_config.json, else upstream's)")
     p.add_argument("--audio-start-id", type=int, help="id of <|audio_bos|> (default: processor_config.json, else upstream's)")
     p.add_argument("--audio-end-id", type=int, help="id of <|audio_eos|> (default: processor_config.json, else upstream's)")
@@ -61,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="straight to a quantized artifact (int8, int4, int4-awq, int4-trt or a JSON recipe "
                                     "file): each weight read from the checkpoint, quantized and written, no fp32 artifact")
     _quantize_options(p)
+    _parity_options(p, steps=16)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quantize", help="make an INT8 / INT4 artifact from an fp32 one",
@@ -71,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--recipe", default="int4-awq", help="int8, int4, int4-awq, int4-trt, or a JSON recipe file")
     _quantize_options(p)
+    _parity_options(p, steps=32)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("run", help="answer a question about audio with an artifact",
@@ -108,11 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--reference", help="the checkpoint the artifact came from, run with PyTorch (default: the answers "
                                        "the artifact recorded from it; without them, the checkpoint its manifest names)")
-    p.add_argument("--audio", action="append", help="audio file(s) to check on (default: a bundled recording)")
-    p.add_argument("--steps", type=int, default=32, help="decode steps compared, with --reference (the recorded answers have theirs)")
+    _parity_options(p, steps=32, skip=False)  # --audio and --steps with --reference: the recorded answers have theirs
     p.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
-    p.add_argument("--task-examples", type=int, default=100,
-                   help="held-out sound-event examples for task accuracy, when the artifact comes from `moss-edge train-tiny`'s model (0: off)")
     p.add_argument("--json", help="write the full report as JSON here")
     p.add_argument("--markdown", help="write the report as Markdown here")
     p.add_argument("--plot", help="write a PNG of per-step KL and per-graph cosine here")
@@ -137,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: moss-edge train-tiny -o tiny-moss --minutes 25")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--minutes", type=float, default=28.0, help="training time budget (default 28)")
-    p.add_argument("--steps", type=int, help="stop after this many steps (default: the time budget)")
+    p.add_argument("--max-steps", type=int, help="stop after this many training steps (default: the time budget)")
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -50,8 +50,8 @@ def cmd_export(args) -> None:
         _quantize(args, lambda **options: export_quantized(args.checkpoint, args.output, opset=args.opset,
                                                            token_ids=_token_ids(args), **options))
         return
-    out = export_artifact(args.checkpoint, args.output, opset=args.opset, verify_steps=args.verify_steps,
-                          token_ids=_token_ids(args), log=lambda m: print(m, file=sys.stderr))
+    out = export_artifact(args.checkpoint, args.output, opset=args.opset, verify_steps=0 if args.no_verify else args.steps,
+                          token_ids=_token_ids(args), log=lambda m: print(m, file=sys.stderr), verify_audio=args.audio)
     parity = json.loads((out / "manifest.json").read_text())["parity"]
     _print_summary(parity)
     _finish(out, parity, "the fp32 graphs do not reproduce the PyTorch model: report the failures above, or check "
@@ -256,6 +256,11 @@ def cmd_info(args) -> None:
     if headroom:
         print(f"fp16      encoder's largest value {headroom['largest']:.1f} on the bundled recordings: "
               f"{headroom['headroom']:.0f}x headroom under 65504 (residual stream clamped at +-{headroom['clamp']:.0f})")
+    if m.get("reference"):
+        r = m["reference"]
+        print(f"reference {r['file']} ({r['bytes'] / 2**20:.2f} MiB): the fp32 PyTorch model's answers from checkpoint "
+              f"sha256 {r['source_sha256'][:16]}... on {', '.join(r['audio'])}, {r['prompt_tokens']} prompt tokens, "
+              f"{r['steps']} steps (top {r['top_k']}); `moss-edge verify` checks against them without PyTorch")
     print(f"runs on   {', '.join(m['backends']) or 'nothing checked'}")
     for target, r in m.get("checks", {}).items():
         found = ", ".join(f"{n} {rule}" for rule, n in r["rules"].items()) or "nothing found"
@@ -316,7 +321,7 @@ def _quantize(args, make) -> None:
         from moss_edge.export.verify import Verifier
         from moss_edge.sound_events.evaluate import task_report
 
-        verify = Verifier(args.reference, args.verify_audio, args.steps, evaluate=task_report(args.task_examples))
+        verify = Verifier(args.reference, args.audio, args.steps, evaluate=task_report(args.task_examples))
     cache = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "moss-edge"
     result = make(recipe=recipe, calibration=args.calibration, cache_dir=cache, verify=verify,
                   keep_until_pass=args.keep_until_pass, log=lambda m: print(m, file=sys.stderr))
@@ -336,7 +341,7 @@ def cmd_train_tiny(args) -> None:
     from moss_edge.sound_events.train import train_tiny
 
     check_output(Path(args.output))
-    out = train_tiny(args.output, minutes=args.minutes, max_steps=args.steps, batch=args.batch, seed=args.seed,
+    out = train_tiny(args.output, minutes=args.minutes, max_steps=args.max_steps, batch=args.batch, seed=args.seed,
                      lr=args.lr, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"wrote {out}: {json.loads((out / 'training.json').read_text())}")
 

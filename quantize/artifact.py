@@ -18,6 +18,7 @@ import onnx
 from moss_edge.calibration.activations import activation_ranges, decoder_input_stats, reference_input_stats
 from moss_edge.calibration.dataset import build_samples, find_audio
 from moss_edge.export.backend_check import deployment_entries
+from moss_edge.export.card import write_card
 from moss_edge.export.config import load_config, parse_config
 from moss_edge.export.ort_decoder import write_cuda_decoder, write_ort_decoder
 from moss_edge.export.writer import check_output, graph_entry, staged_dir, write_manifest
@@ -249,6 +250,7 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
             (tmp / "parity.json").write_text(json.dumps(report, indent=2))
             manifest["parity_report"] = "parity.json"
         del manifest["unfinished"]
+        write_card(tmp, manifest, report, str(out))
         write_manifest(tmp, manifest)  # the last file written
     return QuantizeResult(out, manifest, report)
 

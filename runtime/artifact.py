@@ -13,7 +13,7 @@ from pathlib import Path
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.graphs import GRAPHS, Dims
 from moss_edge.runtime.onnx_files import external_data_locations
-from moss_edge.runtime.prompt import TokenIds
+from moss_edge.runtime.prompt import TokenIds, check_token_ids
 
 FORMAT = "moss-edge-artifact"
 FORMAT_VERSION = 2  # 2: tokenizer files hashed, unfinished (staging) manifests marked
@@ -75,6 +75,8 @@ class Artifact:
             raise MossEdgeError(f"{path} names no {', '.join(missing)} graph")
         artifact = cls(root, manifest)
         artifact.check_files(check_hashes)
+        check_token_ids(artifact.token_ids, artifact.dims.vocab_size, f"{path} was edited or damaged: export the "
+                        "artifact again (with the ids the checkpoint was trained with)")
         return artifact
 
     def file(self, name: str) -> Path:
@@ -135,7 +137,10 @@ class Artifact:
 
     @property
     def token_ids(self) -> TokenIds:
-        return TokenIds(**self.manifest["token_ids"])
+        try:
+            return TokenIds(**self.manifest["token_ids"])
+        except TypeError as err:
+            raise MossEdgeError(f"{self.root}/manifest.json: token_ids are malformed ({err}); export the artifact again") from None
 
     @property
     def dims(self) -> Dims:

@@ -133,7 +133,10 @@ class Pipeline:
     """A loaded artifact: generate/stream for applications, and the Inference interface
     (encode, prefill, step; runtime/inference.py) for the tools that drive models directly.
     One request at a time: the decoder's KV cache is per pipeline, so concurrent calls are
-    serialised by a lock; load one Pipeline per worker for parallelism."""
+    serialised by a lock, and wait for it at most wait_s seconds; load one Pipeline per worker
+    for parallelism."""
+
+    wait_s = 600.0  # a 10 min recording's prompt takes minutes on a small CPU: longer than that is a stuck holder
 
     def __init__(self, artifact: Artifact, provider: str = "cpu", threads: int | None = None,
                  limits: ShapeLimits | None = None, with_decoder: bool = True, decoder: str | None = None,
@@ -263,7 +266,13 @@ class Pipeline:
         if self._owner == threading.get_ident():
             raise MossEdgeError("this thread has an unfinished stream() or open_stream() on this pipeline: read it to "
                                 "the end, finish it or call .close() on it before starting another request")
-        self._lock.acquire()
+        if not self._lock.acquire(timeout=self.wait_s):
+            holder = next((t for t in threading.enumerate() if t.ident == self._owner), None)
+            who = (f"thread {holder.name!r}" if holder else f"thread {self._owner}, which has ended without closing its "
+                   "stream, whose stream object is still referenced")
+            raise MossEdgeError(f"this pipeline has been busy for {self.wait_s:.0f} s with a request of {who}; a stream "
+                                "holds the pipeline until it is finished or closed. Load one Pipeline per worker to "
+                                "serve requests in parallel (Pipeline.wait_s sets this wait)")
         self._owner = threading.get_ident()
 
     def _release(self) -> None:

@@ -41,6 +41,21 @@ class TokenIds:
     time_markers: bool = True
 
 
+def check_token_ids(ids: TokenIds, vocab_size: int, remedy: str) -> None:
+    """Every id the runtime feeds must index the embedding table: say which one does not, the
+    flag that sets it at export, and `remedy` (what to do where the ids came from)."""
+    named = [("audio_token", ids.audio_token, "--audio-token-id"), ("audio_start", ids.audio_start, "--audio-start-id"),
+             ("audio_end", ids.audio_end, "--audio-end-id"), *[(f"digit {d}", t, "--digit-ids") for d, t in enumerate(ids.digits)],
+             *[("stop", t, "eos_token_id in generation_config.json") for t in ids.stop]]
+    bad = [f"{what} = {value} (set it with {flag})" for what, value, flag in named
+           if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size]
+    if bad:
+        raise MossEdgeError(f"token ids outside the vocabulary of {vocab_size}: {'; '.join(bad)}. {remedy}")
+    if len({ids.audio_token, ids.audio_start, ids.audio_end}) < 3:
+        raise MossEdgeError(f"the audio token, audio start and audio end ids must differ; got {ids.audio_token}, "
+                            f"{ids.audio_start}, {ids.audio_end}. {remedy}")
+
+
 def read_json_object(path: Path) -> dict:
     if not path.is_file():
         return {}

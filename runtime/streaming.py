@@ -19,6 +19,7 @@ which differs from resampling the whole clip in the last bits.
 """
 
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -104,6 +105,9 @@ class AudioStream:
         self.spent = {"encode_s": 0.0, "prefill_s": 0.0}  # since the stream opened; from finish, at finish
         pipe.decoder.truncate(0)
         self.logits = self._extend(self.prefix, None, last=False)
+        # the last step: a stream dropped without close() (user code that raised) gives the
+        # pipeline back when it is collected, so no other caller waits on it for good
+        self._give_back = weakref.finalize(self, pipe._release)
 
     def feed(self, samples: np.ndarray) -> None:
         """Audio as it arrives ([n] or [n, channels] floats at the stream's rate); every chunk
@@ -240,7 +244,7 @@ class AudioStream:
         """Give the pipeline back (finish does); what was prefilled is dropped."""
         if not self.closed:
             self.closed = self.finished = True
-            self.pipe._release()
+            self._give_back()
 
     def __enter__(self) -> "AudioStream":
         return self

@@ -73,3 +73,24 @@ def test_bad_arguments(synthetic_artifact, tmp_path, args, message):
             if a in ("ART", "OUT", "A") else a for a in args]
     out = moss(*args)
     assert out.returncode == 2 and message in out.stderr
+
+
+def test_one_name_per_idea_and_the_version(synthetic_checkpoint, tmp_path):
+    """--steps is the parity check's decode steps in export, quantize and verify; --no-verify skips it."""
+    assert moss("--version", check=True).stdout.strip().startswith("moss-edge ")
+    for command in ("export", "quantize", "verify"):
+        assert "--steps" in moss(command, "--help", check=True).stdout
+    out = moss("export", synthetic_checkpoint, "-o", tmp_path / "x", "--steps", "0")
+    assert out.returncode == 2 and "--no-verify skips the check" in out.stderr and not (tmp_path / "x").exists()
+    out = moss("export", synthetic_checkpoint, "-o", tmp_path / "x", "--verify-steps", "4")
+    assert out.returncode == 2 and "unrecognized arguments: --verify-steps" in out.stderr
+
+
+def test_export_and_quantize_write_the_artifact_card(synthetic_artifact, tmp_path):
+    card = (synthetic_artifact / "README.md").read_text()  # export, verified
+    assert "## Parity with the fp32 PyTorch model" in card and "| encoder | audio_tokens |" in card
+    assert "moss-edge verify synthetic --provider cpu" in card and "Runs on: cpu" in card
+    out = moss("quantize", synthetic_artifact, "-o", tmp_path / "int4-trt", "--recipe", "int4-trt", "--no-verify", check=True)
+    card = (tmp_path / "int4-trt" / "README.md").read_text()
+    assert out.returncode == 0 and "recipe `int4-trt`" in card and "## Jetson memory plan" in card
+    assert "tensorrt-10.3   PASS" in card and "--provider tensorrt" in card

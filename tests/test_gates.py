@@ -34,7 +34,7 @@ def test_small_vocab_checkpoint_without_processor_config(upstream, tmp_path, cap
     assert "outside the vocabulary of 1024" in err and "--audio-token-id" in err and "--audio-end-id" in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
     ids = upstream["ids"]
-    assert main(["export", str(upstream["checkpoint"]), "-o", str(out), "--verify-steps", "8",
+    assert main(["export", str(upstream["checkpoint"]), "-o", str(out), "--steps", "8",
                  "--audio-token-id", str(ids.audio_token), "--audio-start-id", str(ids.audio_start),
                  "--audio-end-id", str(ids.audio_end)]) == 0
     manifest = _manifest(out)
@@ -62,7 +62,7 @@ def nan_checkpoint(synthetic_checkpoint, tmp_path_factory):
 def test_nan_weight_fails_every_gate(nan_checkpoint, synthetic_checkpoint, tmp_path, capsys):
     fp32 = tmp_path / "fp32"
     with pytest.raises(SystemExit) as exit_:
-        main(["export", str(nan_checkpoint), "-o", str(fp32), "--verify-steps", "4"])
+        main(["export", str(nan_checkpoint), "-o", str(fp32), "--steps", "4"])
     assert exit_.value.code == 1
     out = capsys.readouterr()
     assert "parity FAILED" in out.out and "NaN" in out.out and "FAILED its parity check" in out.err

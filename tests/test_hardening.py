@@ -108,7 +108,7 @@ def test_staging_kill_9_leaves_nothing_loadable(synthetic_checkpoint, synthetic_
     the target is a complete, verified artifact, and the next run clears the staging folders."""
     cli = [sys.executable, "-m", "moss_edge.cli"]
     for i, delay in enumerate((3.0, 6.0, 9.0)):
-        _kill_midway(cli + ["export", str(synthetic_checkpoint), "-o", f"e{i}", "--verify-steps", "4"], delay, tmp_path)
+        _kill_midway(cli + ["export", str(synthetic_checkpoint), "-o", f"e{i}", "--steps", "4"], delay, tmp_path)
         _kill_midway(cli + ["quantize", str(synthetic_artifact), "-o", f"q{i}", "--recipe", "int4", "--steps", "4",
                             "--task-examples", "0", "--cache-dir", "cache"], delay, tmp_path)
     for folder in tmp_path.iterdir():
@@ -184,6 +184,54 @@ def test_open_stream_then_generate_on_the_same_thread(synthetic_artifact, upstre
     with pytest.raises(MossEdgeError, match="unfinished stream"):
         pipe.generate(upstream["audio"], "What is said?", max_new_tokens=2)
     stream.close()
+    assert len(pipe.generate(upstream["audio"], "What is said?", max_new_tokens=2).tokens) <= 2
+
+
+def test_a_dropped_stream_gives_the_pipeline_back(synthetic_artifact, upstream):
+    """User code that raises between open_stream() and finish(), without a with block: once the
+    stream is collected the pipeline serves again, from any thread."""
+    import gc
+    import threading
+
+    pipe = Pipeline.load(synthetic_artifact)
+
+    def careless_request():
+        stream = pipe.open_stream("What is said?")
+        stream.feed(load_audio(upstream["audio"])[:16000])
+        raise ValueError("a client bug")
+
+    with pytest.raises(ValueError):
+        careless_request()
+    gc.collect()
+    answers = []
+    worker = threading.Thread(target=lambda: answers.append(pipe.generate(upstream["audio"], "What is said?",
+                                                                          max_new_tokens=2)))
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and len(answers[0].tokens) <= 2
+
+
+def test_a_busy_pipeline_is_waited_on_for_a_bounded_time(synthetic_artifact, upstream):
+    import threading
+
+    pipe = Pipeline.load(synthetic_artifact)
+    opened, done = threading.Event(), threading.Event()
+
+    def holder():
+        with pipe.open_stream("What is said?"):
+            opened.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=holder, name="stream-holder")
+    thread.start()
+    opened.wait(30)
+    pipe.wait_s = 0.5
+    start = time.monotonic()
+    with pytest.raises(MossEdgeError, match="busy for 0 s with a request of thread 'stream-holder'"):
+        pipe.generate(upstream["audio"], "What is said?", max_new_tokens=2)
+    assert time.monotonic() - start < 5
+    done.set()
+    thread.join(30)
     assert len(pipe.generate(upstream["audio"], "What is said?", max_new_tokens=2).tokens) <= 2
 
 
@@ -285,6 +333,11 @@ def test_manifest_and_graph_problems(synthetic_artifact, fixture_artifact, tmp_p
     art = _copy(synthetic_artifact, tmp_path, "no-ids")
     _edit_manifest(art, lambda m: m.pop("token_ids"))
     with pytest.raises(MossEdgeError, match="no 'token_ids' section"):
+        Artifact.load(art)
+    art = _copy(synthetic_artifact, tmp_path, "ids")  # the message export gives for the same mistake
+    _edit_manifest(art, lambda m: m["token_ids"].update(audio_token=1000000))
+    with pytest.raises(MossEdgeError, match=r"token ids outside the vocabulary of \d+: audio_token = 1000000 "
+                                            r"\(set it with --audio-token-id\)"):
         Artifact.load(art)
     art = _copy(synthetic_artifact, tmp_path, "sizes")
     _edit_manifest(art, lambda m: m["model"].update(hidden_size=128))
