@@ -23,7 +23,7 @@ def write_card(root: Path, manifest: dict, report: dict | None, name: str) -> No
     """root/README.md for the artifact that will live at `name`."""
     source, quantization = manifest["source"], manifest.get("quantization", {})
     recipe = quantization.get("recipe", {}).get("name", "fp32 (export)")
-    provider = next((p for p in ("tensorrt", "cuda", "cpu") if p in manifest.get("backends", [])), "cpu")
+    provider = next((p for p in ("cpu", "tensorrt", "cuda") if p in manifest.get("backends", [])), "cpu")
     lines = [f"# {Path(name).name}", "",
              f"MOSS-Audio for edge devices, made by {manifest['created_by']}: recipe `{recipe}`, from the checkpoint "
              f"`{Path(source['checkpoint']).name}` (sha256 `{source['sha256'][:16]}...`).", "",
@@ -32,10 +32,12 @@ def write_card(root: Path, manifest: dict, report: dict | None, name: str) -> No
              f"moss-edge run {Path(name).name} --provider {provider} --audio clip.wav --prompt \"What happens in the audio?\"",
              "```", "", "| graph | precision | MiB |", "|---|---|---|", *_sizes(root, manifest), "",
              f"Runs on: {', '.join(manifest.get('backends', [])) or 'not checked'}.", ""]
-    if report is not None:
+    if report is not None and "graphs" in report:  # a full report (a custom verify may give its summary only)
         lines += ["## Parity with the fp32 PyTorch model", "", *report_markdown(report).splitlines()[2:], ""]
     elif "parity" in manifest:
-        lines += [f"Parity: {manifest['parity'].get('skipped', 'see parity.json')}", ""]
+        parity = manifest["parity"]
+        said = parity.get("skipped") or ("passed" if parity.get("passed") else "FAILED: see parity.json")
+        lines += [f"Parity with the fp32 PyTorch model: {said}", ""]
     if manifest.get("checks"):
         lines += ["## Targets (`moss-edge check`)", "", "```", *summary_lines({t: {**r, "findings": []} for t, r in
                                                                             manifest["checks"].items()}), "```", ""]

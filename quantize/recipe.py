@@ -94,8 +94,8 @@ PRESETS = {
     "int8": lambda: _preset("int8", "int8-dynamic", "int8-dynamic", GraphRecipe("int8", block=128)),
     # ORT CPU: INT4 decoder (round to nearest), tables INT8. The adapter is dynamic INT8 too: at
     # 4B widths 0.19 s instead of 0.64 s for 30 s of audio, and the packaged model's held-out
-    # answers are the same as with the fp32 adapter (README, the int8 row). Prompts run on INT8
-    # copies of the layer weights (the CPU's integer GEMM; README, "Prompts on the integer GEMM").
+    # answers are the same as with the fp32 adapter (docs/quantization.md, the int8 row). Prompts run on INT8
+    # copies of the layer weights (the CPU's integer GEMM; docs/quantization.md, "Prompts on the integer GEMM").
     "int4": lambda: _preset("int4", "int8-dynamic", "int8-dynamic", GraphRecipe("int4", block=128, prefill="int8")),
     # the same with activation-aware scaling and clipping from the calibration set
     "int4-awq": lambda: _preset("int4-awq", "int8-dynamic", "int8-dynamic",
@@ -103,7 +103,7 @@ PRESETS = {
     # Jetson / TensorRT and ONNX Runtime CUDA, in the form NVIDIA's toolchains take: fp16
     # activations, every weight INT4 weight-only blocked by 128 with fp16 scales (TensorRT 10
     # quantizes INT8 only with its activations), the embedding table and KV cache fp16
-    # (TensorRT gathers no quantized table); README, "GPU graphs"
+    # (TensorRT gathers no quantized table); docs/jetson.md, "GPU graphs"
     "int4-trt": lambda: _gpu_preset("int4-trt", "int4"),
     # TensorRT INT8 tensor cores: encoder and adapter with calibrated INT8 activations (static QDQ)
     "w8a8": lambda: _gpu_preset("w8a8", "w8a8"),
