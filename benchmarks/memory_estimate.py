@@ -1,9 +1,9 @@
 """The preflight memory estimate of `export --recipe` against the peak RSS it measures, at 4B
 widths: for each preset, synthetic checkpoints with 2, 4 and 8 layers (encoder and decoder), the
 whole command run in a fresh process (export, calibration, quantization, the parity check with
-its reference and every decoder session) and its peak RSS read from the kernel (wait4). Full
-depth (36 decoder, 32 encoder layers) is the estimate against the measured peaks extrapolated
-per layer (least squares over the three depths).
+its reference and every decoder session) and its peak RSS read from the kernel (wait4). At these
+depths verify holds the fp32 reference whole; at full depth it loads it piecewise, so full depth
+is the estimate alone (benchmarks/full_size.py measures full-size runs).
 
     python benchmarks/memory_estimate.py --workdir /tmp/mem -o benchmarks/memory-estimate.json
 """
@@ -20,7 +20,6 @@ import numpy as np
 
 PRESETS = ("int4", "int4-awq", "int4-trt")
 LAYERS = (2, 4, 8)
-FULL_DECODER, FULL_ENCODER = 36, 32
 
 
 def measured_peak(command: list[str], log: Path) -> int:
@@ -39,37 +38,43 @@ def main() -> int:
     from moss_edge.export.synthetic import preset, write_synthetic_checkpoint
     from moss_edge.quantize.preflight import estimate
     from moss_edge.quantize.recipe import load_recipe
+    from moss_edge.runtime.session import available_memory
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("-o", "--output", type=Path, required=True)
+    ap.add_argument("--reuse", type=Path, help="an earlier run's JSON: its measured peaks are kept (estimates are redone)")
+    ap.add_argument("--again", action="append", default=[], help="PRESET:LAYERS measured anew despite --reuse")
     args = ap.parse_args()
+    kept = {(r["preset"], r["layers"]): r["measured"] for r in json.loads(args.reuse.read_text())["rows"]} if args.reuse else {}
+    for item in args.again:
+        name, layers = item.split(":")
+        kept.pop((name, int(layers)), None)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    available = available_memory()  # the estimate's reference choice (whole or piecewise) depends on it
     rows = []
     for layers in LAYERS:
         cfg = preset("4b", encoder_layers=layers, decoder_layers=layers)
         checkpoint = args.workdir / f"4b-{layers}l"
-        if not checkpoint.exists():
+        if not checkpoint.exists() and any((name, layers) not in kept for name in PRESETS):
             write_synthetic_checkpoint(checkpoint, cfg, dtype="bf16")
         for name in PRESETS:
             out = args.workdir / f"{name}-{layers}l"
             shutil.rmtree(out, ignore_errors=True)
-            peak = measured_peak([sys.executable, "-m", "moss_edge.cli", "export", str(checkpoint), "-o", str(out),
-                                  "--recipe", name, "--steps", "4", "--task-examples", "0"], out.with_suffix(".log"))
-            row = {"preset": name, "layers": layers, "estimate": estimate(cfg, load_recipe(name)).memory_bytes,
+            peak = kept.get((name, layers)) or measured_peak(
+                [sys.executable, "-m", "moss_edge.cli", "export", str(checkpoint), "-o", str(out), "--recipe", name,
+                 "--steps", "4", "--task-examples", "0"], out.with_suffix(".log"))
+            row = {"preset": name, "layers": layers, "estimate": estimate(cfg, load_recipe(name), available).memory_bytes,
                    "measured": peak}
             row["ratio"] = row["measured"] / row["estimate"]
             rows.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(out, ignore_errors=True)
-    full = []
-    for name in PRESETS:
-        mine = [r for r in rows if r["preset"] == name]
-        slope, intercept = np.polyfit([r["layers"] for r in mine], [r["measured"] for r in mine], 1)
-        cfg = preset("4b")
-        full.append({"preset": name, "estimate": estimate(cfg, load_recipe(name)).memory_bytes,
-                     "measured_extrapolated": float(intercept + slope * FULL_DECODER)})
-    result = {"cpu_flags": cpu_flags(), "widths": "4B", "how": __doc__.split("\n\n")[0].replace("\n", " "),
+    # full depth: the reference is loaded piecewise there (it is whole at these depths), so the
+    # measured peaks do not extrapolate; the estimate is given for the full-size runs to check
+    full = [{"preset": name, "estimate": estimate(preset("4b"), load_recipe(name), available).memory_bytes} for name in PRESETS]
+    result = {"cpu_flags": cpu_flags(), "widths": "4B", "available_bytes": available,
+              "how": __doc__.split("\n\n")[0].replace("\n", " "),
               "rows": rows, "full_depth": full}
     args.output.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.output.with_suffix(".png"))
@@ -88,10 +93,7 @@ def plot(result: dict, path: Path) -> None:
         labels.append(f"{r['preset']}\n{r['layers']} layers")
         estimates.append(r["estimate"] / 2**30)
         measured.append(r["measured"] / 2**30)
-    for r in result["full_depth"]:
-        labels.append(f"{r['preset']}\nfull (extrap.)")
-        estimates.append(r["estimate"] / 2**30)
-        measured.append(r["measured_extrapolated"] / 2**30)
+
     x = np.arange(len(labels))
     ax.bar(x - 0.2, estimates, 0.4, label="preflight estimate")
     ax.bar(x + 0.2, measured, 0.4, label="measured peak RSS")

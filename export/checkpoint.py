@@ -180,6 +180,12 @@ def _unload(model: nn.Module, names: list[str]) -> None:
     release_freed_memory()
 
 
+def reference_whole(cfg, artifact_bytes: int, available: int) -> bool:
+    """Whether verify holds the fp32 reference whole: when it takes less than half the available
+    memory with the artifact (room for the graphs' sessions); else it loads it piecewise."""
+    return reference_bytes(cfg, piecewise=False) + artifact_bytes < 0.5 * available
+
+
 def reference_bytes(cfg, piecewise: bool) -> int:
     """fp32 bytes a reference model holds at once: all of it, or (piecewise) what stays resident
     plus the largest module loaded at a time."""

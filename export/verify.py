@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from moss_edge import bundled_audio
-from moss_edge.export.checkpoint import checkpoint_hash, load_model, reference_bytes
+from moss_edge.export.checkpoint import checkpoint_hash, load_model, reference_bytes, reference_whole
 from moss_edge.export.config import load_config
 from moss_edge.export.model import MossAudio
 from moss_edge.export.reference import ReferencePipeline
@@ -50,7 +50,7 @@ def reference_model(checkpoint: str | Path, artifact_dir: str | Path) -> MossAud
     artifact = Artifact.load(artifact_dir, check_hashes=False, unfinished_ok=True)
     on_disk = sum((artifact.root / f).stat().st_size for g in artifact.manifest["graphs"].values() for f in set(g["files"]))
     available = available_memory()
-    if reference_bytes(cfg, piecewise=False) + on_disk < 0.5 * available:
+    if reference_whole(cfg, on_disk, available):
         return load_model(checkpoint, torch.float32)
     need = reference_bytes(cfg, piecewise=True) + on_disk
     if need > 0.9 * available:

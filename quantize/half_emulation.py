@@ -49,12 +49,21 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
 def emulated(model: onnx.ModelProto, peaks: bool = False) -> onnx.ModelProto:
     """The fp32 twin of the fp16 graph `model` (parsed without its weights; not changed): the
     same inputs and outputs in fp32, the same initializers (fp16 ones cast up once, which ONNX
-    Runtime folds at load)."""
+    Runtime folds at load). A quantized weight's scales are made to depend on an input, so that
+    ONNX Runtime dequantizes each weight when it runs instead of folding every weight into an
+    fp32 copy at load (a 4B decoder would hold 15 GB)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     types = tensor_types(model)
     half = {name for name, t in types.items() if t == TensorProto.FLOAT16}
     front, nodes, peak_outputs = [], [], []
+    scales = {n.input[1] for n in g.node if n.op_type == "DequantizeLinear"} & half
+    if scales:  # 1.0, known only at run time: the size of the first input is never negative
+        size = f"{g.input[0].name}:size"
+        front += [helper.make_node("Size", [g.input[0].name], [size], name=size),
+                  helper.make_node("GreaterOrEqual", [size, "run_time_zero"], ["run_time_true"], name="run_time_true"),
+                  helper.make_node("Cast", ["run_time_true"], ["run_time_one"], name="run_time_one", to=TensorProto.FLOAT)]
+        g.initializer.append(helper.make_tensor("run_time_zero", TensorProto.INT64, [], [0]))
 
     def rounding(source: str, name: str) -> list[onnx.NodeProto]:
         return [helper.make_node("Cast", [source], [f"{name}:fp16"], name=f"{name}:round", to=TensorProto.FLOAT16),
@@ -64,7 +73,11 @@ def emulated(model: onnx.ModelProto, peaks: bool = False) -> onnx.ModelProto:
         if t.name in half:  # the stored fp16 values, exactly, in fp32
             original = t.name
             t.name = f"{original}:stored"
-            front.append(helper.make_node("Cast", [t.name], [original], name=f"{original}:up", to=TensorProto.FLOAT))
+            if original in scales:
+                front += [helper.make_node("Cast", [t.name], [f"{original}:up"], name=f"{original}:up", to=TensorProto.FLOAT),
+                          helper.make_node("Mul", [f"{original}:up", "run_time_one"], [original], name=f"{original}:late")]
+            else:
+                front.append(helper.make_node("Cast", [t.name], [original], name=f"{original}:up", to=TensorProto.FLOAT))
     for v in g.input:
         if v.name in half:  # whatever is fed is first rounded as the fp16 input would be
             v.type.tensor_type.elem_type = TensorProto.FLOAT

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from moss_edge.export.checkpoint import reference_bytes
+from moss_edge.export.checkpoint import reference_bytes, reference_whole
 from moss_edge.export.model import MossAudio
 from moss_edge.quantize.recipe import GraphRecipe, Recipe
 from moss_edge.runtime.errors import MossEdgeError
@@ -52,15 +52,34 @@ def graph_bytes(model: MossAudio, recipe: Recipe) -> dict[str, int]:
     return sizes
 
 
-def estimate(cfg, recipe: Recipe) -> Estimate:
+# The interpreter with torch, onnx and ONNX Runtime loaded, before any weight
+BASE_BYTES = int(1.0 * 2**30)
+# ONNX Runtime's sessions hold each graph's weights and the copies it prepacks for its kernels
+SESSION_FACTOR = 1.25
+
+
+def estimate(cfg, recipe: Recipe, available: int | None = None) -> Estimate:
+    """The artifact's size, and the peak memory of the whole command (benchmarks/memory_estimate.py
+    holds it to measured peaks): the fp32 reference verify loads first (whole or piecewise, as it
+    will choose with `available` bytes) and keeps through calibration, quantization and the check,
+    plus the larger of quantizing (the largest weight read and held in fp32 with its quantized
+    copy) and checking (every graph's session at once; fp16 graphs as their emulated fp32 twins,
+    which hold fp16 tables in fp32 and dequantize one weight at a time)."""
     model = meta_model(cfg)
-    artifact = sum(graph_bytes(model, recipe).values())
+    sizes = graph_bytes(model, recipe)
+    artifact = sum(sizes.values())
+    available = available_memory() if available is None else available
+    reference = reference_bytes(cfg, piecewise=not reference_whole(cfg, artifact, available))
     largest = 4 * max(p.numel() for p in model.parameters())
-    reference = reference_bytes(cfg, piecewise=True)
-    # a weight being quantized takes about three times its fp32 size; the parity check one
-    # decoder session, the encoder's and adapter's, and the reference's largest piece
-    memory = reference + max(3 * largest, 2 * artifact)
-    return Estimate(artifact, memory)
+    quantizing = 2 * largest
+    checking = int(SESSION_FACTOR * artifact)
+    if any(g.dtype == "fp16" for g in recipe.graphs.values()):
+        # the emulated twins: fp16 tables cast up to fp32 once, and one quantized weight at a time
+        # dequantized, rounded to fp16 and read back in fp32 (1.5x its fp32 bytes at once)
+        decoder = recipe.graphs["decoder"]
+        table = model.language_model.embed_tokens.weight.numel() if decoder.dtype == "fp16" and decoder.embedding == "fp16" else 0
+        checking += 4 * table + 3 * largest // 2
+    return Estimate(artifact, BASE_BYTES + reference + max(quantizing, checking))
 
 
 def check_fits(cfg, recipe: Recipe, out: Path, log) -> Estimate:

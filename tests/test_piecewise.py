@@ -132,3 +132,20 @@ def test_checkpoint_hashes_are_remembered_until_a_file_changes(synthetic_checkpo
     config = copy / "config.json"
     config.write_text(config.read_text() + " ")
     assert checkpoint.checkpoint_hash(copy) != first and reads == [config]  # only the changed file
+
+
+def test_the_memory_estimate_covers_what_was_measured():
+    """benchmarks/memory_estimate.py measured `export --recipe` at 4B widths: every peak is at or
+    below the preflight estimate for the same config and available memory, and within 25% of it."""
+    import json
+    from pathlib import Path
+
+    from moss_edge.export.synthetic import preset
+    from moss_edge.quantize.preflight import estimate
+
+    measured = json.loads((Path(__file__).parents[1] / "benchmarks" / "memory-estimate.json").read_text())
+    assert len(measured["rows"]) == 9
+    for row in measured["rows"]:
+        cfg = preset("4b", encoder_layers=row["layers"], decoder_layers=row["layers"])
+        e = estimate(cfg, load_recipe(row["preset"]), measured["available_bytes"]).memory_bytes
+        assert row["measured"] <= e <= 1.25 * row["measured"], row
