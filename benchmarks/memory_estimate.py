@@ -2,8 +2,8 @@
 widths: for each preset, synthetic checkpoints with 2, 4 and 8 layers (encoder and decoder), the
 whole command run in a fresh process (export, calibration, quantization, the parity check with
 its reference and every decoder session) and its peak RSS read from the kernel (wait4). At these
-depths verify holds the fp32 reference whole; at full depth it loads it piecewise, so full depth
-is the estimate alone (benchmarks/full_size.py measures full-size runs).
+depths verify holds the fp32 reference whole; at full depth (36 decoder, 32 encoder layers) it
+loads it piecewise, so those runs are their own rows (--full PRESET: a 9 GB checkpoint, ~10 min).
 
     python benchmarks/memory_estimate.py --workdir /tmp/mem -o benchmarks/memory-estimate.json
 """
@@ -45,8 +45,12 @@ def main() -> int:
     ap.add_argument("-o", "--output", type=Path, required=True)
     ap.add_argument("--reuse", type=Path, help="an earlier run's JSON: its measured peaks are kept (estimates are redone)")
     ap.add_argument("--again", action="append", default=[], help="PRESET:LAYERS measured anew despite --reuse")
+    ap.add_argument("--full", action="append", default=[], choices=PRESETS,
+                    help="also measure this preset at full depth (36 + 32 layers: ~10 min and 9 GB of checkpoint)")
     args = ap.parse_args()
-    kept = {(r["preset"], r["layers"]): r["measured"] for r in json.loads(args.reuse.read_text())["rows"]} if args.reuse else {}
+    earlier = json.loads(args.reuse.read_text()) if args.reuse else {"rows": [], "full_depth": []}
+    kept = {(r["preset"], r["layers"]): r["measured"] for r in earlier["rows"]}
+    kept.update({(r["preset"], "full"): r["measured"] for r in earlier["full_depth"] if "measured" in r})
     for item in args.again:
         name, layers = item.split(":")
         kept.pop((name, int(layers)), None)
@@ -71,8 +75,19 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             shutil.rmtree(out, ignore_errors=True)
     # full depth: the reference is loaded piecewise there (it is whole at these depths), so the
-    # measured peaks do not extrapolate; the estimate is given for the full-size runs to check
-    full = [{"preset": name, "estimate": estimate(preset("4b"), load_recipe(name), available).memory_bytes} for name in PRESETS]
+    # peaks above do not extrapolate to it; measured where asked (--full)
+    full = []
+    for name in PRESETS:
+        row = {"preset": name, "estimate": estimate(preset("4b"), load_recipe(name), available).memory_bytes}
+        if (name, "full") in kept or name in args.full:
+            checkpoint, out = args.workdir / "4b-full", args.workdir / f"{name}-full"
+            if (name, "full") not in kept and not checkpoint.exists():
+                write_synthetic_checkpoint(checkpoint, preset("4b"), dtype="bf16")
+            row["measured"] = kept.get((name, "full")) or measured_peak(
+                [sys.executable, "-m", "moss_edge.cli", "export", str(checkpoint), "-o", str(out), "--recipe", name,
+                 "--steps", "4", "--task-examples", "0"], out.with_suffix(".log"))
+            shutil.rmtree(out, ignore_errors=True)
+        full.append(row)
     result = {"cpu_flags": cpu_flags(), "widths": "4B", "available_bytes": available,
               "how": __doc__.split("\n\n")[0].replace("\n", " "),
               "rows": rows, "full_depth": full}
@@ -94,6 +109,11 @@ def plot(result: dict, path: Path) -> None:
         estimates.append(r["estimate"] / 2**30)
         measured.append(r["measured"] / 2**30)
 
+    for r in result["full_depth"]:
+        if "measured" in r:
+            labels.append(f"{r['preset']}\nfull depth")
+            estimates.append(r["estimate"] / 2**30)
+            measured.append(r["measured"] / 2**30)
     x = np.arange(len(labels))
     ax.bar(x - 0.2, estimates, 0.4, label="preflight estimate")
     ax.bar(x + 0.2, measured, 0.4, label="measured peak RSS")

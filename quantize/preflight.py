@@ -55,7 +55,7 @@ def graph_bytes(model: MossAudio, recipe: Recipe) -> dict[str, int]:
 # The interpreter with torch, onnx and ONNX Runtime loaded, before any weight
 BASE_BYTES = int(1.0 * 2**30)
 # ONNX Runtime's sessions hold each graph's weights and the copies it prepacks for its kernels
-SESSION_FACTOR = 1.25
+SESSION_FACTOR = 1.1
 
 
 def estimate(cfg, recipe: Recipe, available: int | None = None) -> Estimate:
