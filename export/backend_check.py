@@ -275,10 +275,11 @@ def _profile_findings(graph: str, model: onnx.ModelProto, dims: Dims | None, tar
 
 
 def check_graph(model: onnx.ModelProto, graph: str, target_name: str, base_dir: Path,
-                dims: Dims | None = None) -> list[Finding]:
-    """Findings for one graph (parsed without its external data; the rules read small constants)."""
+                dims: Dims | None = None, facts: GraphFacts | None = None) -> list[Finding]:
+    """Findings for one graph (parsed without its external data; the rules read small constants).
+    facts: the graph's, when already gathered (every target asks the same questions of it)."""
     target = TARGETS[target_name]
-    facts = GraphFacts(model, base_dir)
+    facts = facts or GraphFacts(model, base_dir)
     findings = [*_type_findings(graph, model, target), *_profile_findings(graph, model, dims, target)]
     rules = [r for r in RULES if target.name in r.targets]
     for node in model.graph.node:
@@ -321,14 +322,15 @@ def check_artifact(root: Path, manifest: dict, target_names: list[str] | None = 
         findings, counts = [], {}
         for graph in ("encoder", "adapter", decoder, *prompt):
             if graph not in models:
-                models[graph] = onnx.load(str(root / f"{graph}.onnx"), load_external_data=False)
-            found = check_graph(models[graph], graph, name, root, dims)
+                model = onnx.load(str(root / f"{graph}.onnx"), load_external_data=False)
+                models[graph] = model, GraphFacts(model, root)
+            found = check_graph(models[graph][0], graph, name, root, dims, models[graph][1])
             counts[graph] = {v: sum(f.verdict == v for f in found) for v in ("rejected", "elsewhere", "warning")}
             findings += found
         result[name] = {"passed": not any(f.verdict in ("rejected", "elsewhere") for f in findings),
                         "graphs": counts, "findings": [asdict(f) for f in findings]}
         if target.ops is not None:
-            result[name]["held_dequantized_bytes"] = sum(held_dequantized_bytes(models[g]) for g in counts)
+            result[name]["held_dequantized_bytes"] = sum(held_dequantized_bytes(models[g][0]) for g in counts)
     return result
 
 

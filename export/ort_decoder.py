@@ -95,7 +95,7 @@ def write_cuda_decoder(folder: Path, portable: onnx.ModelProto, d: Dims, lang: L
             if data is None or data.data_type != TensorProto.INT4 or len(data.dims) != 2:
                 continue
             block = next(a.i for a in node.attribute if a.name == "block_size")
-            q = unpack_int4(read_raw(data, folder), tuple(data.dims))
+            q = numpy_helper.to_array(data, str(folder)).astype(np.int8)
             scale = np.asarray(numpy_helper.to_array(inits[node.input[1]], str(folder)), np.float16)
             blob, scales = nbits_layout(q, scale, block)
             weight = node.output[0]
@@ -108,23 +108,6 @@ def write_cuda_decoder(folder: Path, portable: onnx.ModelProto, d: Dims, lang: L
     model.graph.initializer.extend(tensors)
     onnx.save(model, str(path))
     return model
-
-
-def read_raw(init: TensorProto, root: Path) -> bytes:
-    """The stored bytes of an initializer, inline or external."""
-    if init.data_location != TensorProto.EXTERNAL:
-        return init.raw_data
-    info = {e.key: e.value for e in init.external_data}
-    with open(root / info["location"], "rb") as f:
-        f.seek(int(info.get("offset", 0)))
-        return f.read(int(info["length"]))
-
-
-def unpack_int4(raw: bytes, shape: tuple[int, int]) -> np.ndarray:
-    """ONNX INT4 bytes (two values per byte, the first in the low nibble) -> int8 values."""
-    b = np.frombuffer(raw, np.uint8)
-    nibbles = np.stack([b & 15, b >> 4], axis=1).reshape(-1)[: shape[0] * shape[1]].astype(np.int8)
-    return np.where(nibbles > 7, nibbles - 16, nibbles).reshape(shape)
 
 
 def nbits_layout(q: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:

@@ -161,9 +161,9 @@ def cmd_verify(args) -> None:
     from moss_edge.runtime.artifact import Artifact
     from moss_edge.runtime.parity import report_markdown
 
-    recorded = "reference" in Artifact.load(args.artifact, check_hashes=False, unfinished_ok=True).manifest
-    if args.reference is None and not args.audio and recorded:
-        report = verify_recorded(args.artifact, args.provider)  # no PyTorch needed
+    manifest = Artifact.load(args.artifact, check_hashes=False, unfinished_ok=True).manifest
+    if args.reference is None and not args.audio and "reference" in manifest:
+        report = verify_recorded(args.artifact, args.provider, manifest)  # no PyTorch needed
     else:
         from moss_edge.export.verify import Verifier
         from moss_edge.sound_events.evaluate import task_report
@@ -182,13 +182,13 @@ def cmd_verify(args) -> None:
         raise SystemExit(1)
 
 
-def verify_recorded(artifact: str, provider: str) -> dict:
+def verify_recorded(artifact: str, provider: str, manifest: dict) -> dict:
     """The artifact on `provider` against the answers it carries. fp16 graphs on the CPU run as
     their emulated fp32 twins, which needs onnx (the export extra); GPUs run them as they are."""
-    from moss_edge.runtime.artifact import Artifact, fp16_graphs
+    from moss_edge.runtime.artifact import fp16_graphs
     from moss_edge.runtime.parity import check_recorded
 
-    if provider != "cpu" or not fp16_graphs(Artifact.load(artifact, check_hashes=False, unfinished_ok=True).manifest):
+    if provider != "cpu" or not fp16_graphs(manifest):
         return check_recorded(artifact, provider)
     try:
         from moss_edge.export.verify import emulated_on_cpu, mark_emulated
@@ -198,7 +198,7 @@ def verify_recorded(artifact: str, provider: str) -> dict:
     with emulated_on_cpu(artifact, provider) as view:
         report = check_recorded(view, provider)
     report["artifact"] = artifact
-    mark_emulated(report, Artifact.load(artifact, check_hashes=False).manifest, provider)
+    mark_emulated(report, manifest, provider)
     return report
 
 
@@ -220,7 +220,7 @@ def cmd_check(args) -> None:
 
 def cmd_info(args) -> None:
     from moss_edge.quantize.plan import summarize_kept
-    from moss_edge.runtime.artifact import Artifact
+    from moss_edge.runtime.artifact import Artifact, fp16_graphs
 
     artifact = Artifact.load(args.artifact, check_hashes=not args.no_hash_check)
     m = artifact.manifest
@@ -248,8 +248,7 @@ def cmd_info(args) -> None:
     if m.get("prefill"):
         print("prompts   " + ", ".join(f"{provider} runs {graph} (INT8, per-row activations) where the CPU has integer "
                                        "dot-product or matrix instructions" for provider, graph in m["prefill"].items()))
-    half = [g for g, e in m["graphs"].items() if any(i["dtype"] == "float16" and not i["name"].startswith("past_")
-                                                    for i in e["inputs"])]
+    half = fp16_graphs(m)
     if half:
         print(f"fp16      {', '.join(half)} compute in fp16 (GPUs; verified on a CPU through emulation)")
     headroom = m.get("quantization", {}).get("fp16_headroom", {}).get("encoder")

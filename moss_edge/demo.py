@@ -114,7 +114,7 @@ def run_demo(workdir: str | None = None, audio: str | None = None, max_new_token
         print(f"{name:<24} {directory_mib(path):>8.2f} {t['encode_s'] * 1000:>10.1f} {t['prefill_s'] * 1000:>11.1f} "
               f"{t.get('decode_ms_per_token', float('nan')):>16.2f}")
     print("(this model is 2.7 M parameters: its encoder's matrices are so small that quantizing the activations at run "
-          "time costs more than the INT8 GEMM saves, so INT4 encodes slower here than fp32; at 4B widths the same format "
+          "time costs about what the INT8 GEMM saves, so INT4 encodes no faster here than fp32; at 4B widths the same format "
           "encodes 30 s of audio faster than fp32, see docs/performance.md)")
     print(f"\nfiles are in {work}")
     return work

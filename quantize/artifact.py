@@ -52,6 +52,7 @@ class WrittenGraph:
     ort_variant: onnx.ModelProto | None = None  # the decoder's contrib-op twin (decoder_ort.onnx, or decoder_cuda.onnx)
     ort_provider: str = "cpu"  # the provider that runs it
     prefill: tuple[onnx.ModelProto, dict] | None = None  # the prompt graph (decoder_prefill.onnx) and its format
+    fp16_headroom: dict | None = None  # an fp16 encoder's largest values on the bundled recordings
 
 
 @dataclass
@@ -116,6 +117,8 @@ def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration
     if p.name == "decoder" and p.recipe.kv_cache == "fp16" and half is None:
         half_precision_cache(dst)
     written.proto = onnx.load(str(dst), load_external_data=False)
+    if p.name == "encoder" and half is not None:  # how close it comes to fp16's largest value
+        written.fp16_headroom = encoder_headroom(dst, src.dims.chunk_frames) | {"clamp": ENCODER_CLAMP}
     language = parse_config(src.manifest["config"]).language
     if p.name == "decoder" and half is not None:
         written.ort_variant = write_cuda_decoder(tmp, written.proto, src.dims, language, src.token_ids.audio_token)
@@ -176,9 +179,8 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
             for name, w in written.items()},
         "weights": {name: w.weights for name, w in quantized.items()}, "ort_cpu_kernels": kernels,
         "weight_bytes": {name: weight_bytes(w.proto) for name, w in quantized.items()}}
-    if recipe.graphs["encoder"].dtype == "fp16":  # how close the fp16 encoder comes to fp16's largest value
-        manifest["quantization"]["fp16_headroom"] = {"encoder": encoder_headroom(tmp / "encoder.onnx", src.dims.chunk_frames)
-                                                     | {"clamp": ENCODER_CLAMP}}
+    if written["encoder"].fp16_headroom:
+        manifest["quantization"]["fp16_headroom"] = {"encoder": written["encoder"].fp16_headroom}
     promoted = {n: e for w in written.values() for n, e in w.promoted.items()}
     if promoted:
         manifest["quantization"]["kept_more_precise"] = promoted

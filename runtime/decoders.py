@@ -38,14 +38,18 @@ class _Runner:
     """What both runners share: the prompt run in pieces after the cached positions, and one
     token per step. Each runner has _run(ids, audio, deepstack, options) and truncate(length)."""
 
-    def __init__(self, session, dims: Dims, prefill_chunk: int, embed_dtype):
+    def __init__(self, session, dims: Dims, prefill_chunk: int):
         self.session = session
         self.dims = dims
         self.prefill_chunk = prefill_chunk
-        self.embed_dtype = embed_dtype
+        # the types the graph declares: an fp16 graph takes fp16 activations and cache; an fp32
+        # one may keep its cache alone in fp16
+        types = {i.name: i.type for i in session.get_inputs()}
+        self.embed_dtype = np.float16 if "float16" in types["audio_embeds"] else np.float32
+        self.cache_dtype = np.float16 if "float16" in types[cache_names(dims, "past")[0]] else np.float32
         self.length = 0
-        self.step_audio = np.zeros((1, 1, dims.hidden_size), embed_dtype)
-        self.step_deepstack = np.zeros((dims.num_deepstack, 1, 1, dims.hidden_size), embed_dtype)
+        self.step_audio = np.zeros((1, 1, dims.hidden_size), self.embed_dtype)
+        self.step_deepstack = np.zeros((dims.num_deepstack, 1, 1, dims.hidden_size), self.embed_dtype)
 
     def prefill(self, prompt_ids: list[int], audio: np.ndarray, deepstack: np.ndarray) -> np.ndarray:
         self.truncate(0)
@@ -76,9 +80,7 @@ class DecoderRunner(_Runner):
     (IO binding), so the cache never round-trips through numpy."""
 
     def __init__(self, session, dims: Dims, prefill_chunk: int = ShapeLimits.max_prompt):
-        types = {i.name: i.type for i in session.get_inputs()}
-        super().__init__(session, dims, prefill_chunk, np.float16 if "float16" in types["audio_embeds"] else np.float32)
-        self.cache_dtype = np.float16 if "float16" in types[cache_names(dims, "past")[0]] else np.float32
+        super().__init__(session, dims, prefill_chunk)
         self.devices = output_devices(session)
         self.past = None
 
@@ -129,8 +131,7 @@ class BufferedDecoderRunner(_Runner):
     PROMPT_PIECE = 256
 
     def __init__(self, session, dims: Dims, prefill_chunk: int = ShapeLimits.max_prompt, prompt_session=None):
-        types = {i.name: i.type for i in session.get_inputs()}
-        super().__init__(session, dims, prefill_chunk, np.float16 if "float16" in types["audio_embeds"] else np.float32)
+        super().__init__(session, dims, prefill_chunk)
         self.prompt_session = prompt_session
         self.buffers: list[ort.OrtValue] = []
         # the cache lives where the session runs (decoder_cuda's on the GPU, in fp16)
@@ -144,7 +145,7 @@ class BufferedDecoderRunner(_Runner):
         shape = (1, self.dims.num_key_value_heads, capacity, self.dims.head_dim)
         grown = []
         for old in self.buffers or [None] * (2 * self.dims.num_hidden_layers):
-            values = np.zeros(shape, self.embed_dtype)
+            values = np.zeros(shape, self.cache_dtype)
             if old is not None and self.length:
                 values[:, :, : self.length] = old.numpy()[:, :, : self.length]
             grown.append(ort.OrtValue.ortvalue_from_numpy(values, self.device))

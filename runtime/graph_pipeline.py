@@ -15,6 +15,7 @@ from moss_edge.runtime.graphs import Dims, cache_names, decoder_feeds, empty_cac
 from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.pipeline import encode_chunks
 from moss_edge.runtime.prompt import TokenIds
+from moss_edge.runtime.session import as_declared
 
 
 class GraphPipeline:
@@ -34,8 +35,7 @@ class GraphPipeline:
                     if i["dtype"] in ("float32", "float16")} for g in ("encoder", "adapter", "decoder")}
 
     def run(self, graph: str, feeds: dict) -> dict:
-        types = self.float_inputs[graph]
-        out = self._run(graph, {n: v.astype(types[n], copy=False) if n in types else v for n, v in feeds.items()})
+        out = self._run(graph, as_declared(feeds, self.float_inputs[graph]))
         return {n: v.astype(np.float32) if v.dtype == np.float16 and not n.startswith("present_") else v
                 for n, v in out.items()}
 

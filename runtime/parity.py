@@ -252,14 +252,15 @@ def check_pipeline(pipe, rec: Recording, decoders: list[tuple[str, str, str]] | 
         per_decoder[name] = decode_steps(runner, rec, art_audio)
         del runner
     main = next(iter(per_decoder))
-    limits = THRESHOLDS[precision_class(pipe.artifact.manifest)]
+    precision = precision_class(pipe.artifact.manifest)
+    limits = THRESHOLDS[precision]
     per_step, end_to_end = per_decoder[main]
     failures = gate(graphs, end_to_end, limits)
     for name, (_, figures) in per_decoder.items():
         if name != main:
             failures += [f"{name}: {f}" for f in gate({}, figures, limits)]
     cosines = [m["cosine"] for o in graphs.values() for m in o.values()]
-    summary = {"passed": not failures, "precision": precision_class(pipe.artifact.manifest), "steps": rec.steps,
+    summary = {"passed": not failures, "precision": precision, "steps": rec.steps,
                "decoder": main, "provider": pipe.provider,
                "worst_cosine": float("nan") if any(np.isnan(cosines)) else min(cosines),
                "prefill_logits_rel": graphs[main]["prefill_logits"]["rel"],

@@ -132,14 +132,19 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
         raise MossEdgeError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from None
 
 
+def as_declared(feeds: dict, types: dict) -> dict:
+    """feeds with each float array in the numpy type `types` gives its input (the graph's: an
+    fp16 graph takes fp16), the others as they are."""
+    return {name: value.astype(types[name], copy=False) if name in types and value.dtype.kind == "f" else value
+            for name, value in feeds.items()}
+
+
 def run_typed(session: ort.InferenceSession, feeds: dict, options: ort.RunOptions | None = None) -> list:
-    """session.run with float inputs given in the type the graph declares (an fp16 graph gets
-    fp16) and float outputs returned as fp32, which is what the runtime's numpy side holds."""
+    """session.run with float inputs in the types the graph declares and float outputs returned
+    as fp32, which is what the runtime's numpy side holds."""
     declared = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
-    typed = {name: value.astype(declared[name], copy=False) if value.dtype.kind == "f" else value
-             for name, value in feeds.items()}
     return [out.astype(np.float32, copy=False) if out.dtype == np.float16 else out
-            for out in session.run(None, typed, options)]
+            for out in session.run(None, as_declared(feeds, declared), options)]
 
 
 def available_memory() -> int:

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moss_edge.export.backend_check import check_artifact
 from moss_edge.export.int4_pattern import int4_matmul_pattern
-from moss_edge.export.ort_decoder import nbits_layout, unpack_int4
+from moss_edge.export.ort_decoder import nbits_layout
 from moss_edge.quantize.artifact import quantize_artifact
 from moss_edge.quantize.graph import pack_int4
 from moss_edge.quantize.half_emulation import emulated, tensor_types
@@ -136,7 +136,8 @@ def test_nbits_layout_computes_the_dequantized_matmul():
     k, n, block = 256, 6, 128
     q = rng.integers(-8, 8, size=(k, n)).astype(np.int8)
     scale = rng.uniform(0.01, 0.1, size=(k // block, n)).astype(np.float16)
-    assert np.array_equal(unpack_int4(pack_int4(q), (k, n)), q)
+    packed = helper.make_tensor("q", TensorProto.INT4, [k, n], pack_int4(q), raw=True)
+    assert np.array_equal(numpy_helper.to_array(packed).astype(np.int8), q)
     blob, scales = nbits_layout(q, scale, block)
     graph = helper.make_graph(
         [helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
