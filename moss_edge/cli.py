@@ -8,6 +8,7 @@ from moss_edge import __version__
 from moss_edge.commands import (cmd_bench, cmd_check, cmd_demo, cmd_eval, cmd_eval_many, cmd_export, cmd_info, cmd_quantize, cmd_run,
                                 cmd_serve, cmd_synthetic, cmd_train_tiny, cmd_triton_repo, cmd_verify)
 from moss_edge.runtime.errors import MossEdgeError
+from moss_edge.serve import MAX_QUEUE, QUEUE_TIMEOUT_S
 
 
 def _steps(text: str) -> int:
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=1, help="instances of each model")
     p.set_defaults(func=cmd_triton_repo)
 
-    p = sub.add_parser("serve", help="serve an artifact with Triton Inference Server (PyTriton; the serve extra)",
+    p = sub.add_parser("serve", help="serve an artifact with Triton Inference Server (the serve extra)",
                        epilog="example: moss-edge serve moss-4b-int4 --instances 2 --http-port 8000")
     p.add_argument("artifact")
     p.add_argument("--instances", type=int, default=1, help="pipelines per model, each answering one request at a time")
@@ -210,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                   help="requests each model holds waiting beyond those running; more are refused at once (HTTP 503)")
+    p.add_argument("--queue-timeout", type=float, default=QUEUE_TIMEOUT_S, metavar="SECONDS",
+                   help="longest a request waits for an instance; it is then refused (HTTP 503)")
     p.add_argument("--check", action="store_true",
                    help="check the artifact against its recorded reference answers first; refuse to serve it if it fails")
     p.set_defaults(func=cmd_serve)

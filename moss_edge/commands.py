@@ -385,7 +385,7 @@ def cmd_serve(args) -> None:
                                 "not serving it; `moss-edge verify` prints the report")
         print(f"parity check passed on this machine (worst cosine {summary['worst_cosine']:.6f})", file=sys.stderr)
     serve(Path(args.artifact), args.instances, args.threads, args.host, args.http_port, args.grpc_port,
-          args.metrics_port, log=lambda m: print(m, file=sys.stderr, flush=True))
+          args.metrics_port, args.max_queue, args.queue_timeout, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def cmd_eval_many(args) -> None:

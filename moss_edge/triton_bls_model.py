@@ -16,10 +16,9 @@ from moss_edge.runtime.graph_pipeline import GraphPipeline
 from moss_edge.runtime.graphs import Dims, graph_spec
 from moss_edge.runtime.pipeline import to_waveform
 from moss_edge.runtime.prompt import TextTokenizer, TokenIds, prompt_ids
-from moss_edge.serve import request_arguments
+from moss_edge.serve import MODEL, answer_arrays, given_inputs, request_arguments, triton_error
 
 MODELS = {"encoder": "moss_encoder", "adapter": "moss_adapter", "decoder": "moss_decoder"}
-INPUTS = ("audio", "samples", "sample_rate", "prompt", "prompt_ids", "options")
 
 
 class TritonPythonModel:
@@ -38,12 +37,11 @@ class TritonPythonModel:
                                                     for name, value in feeds.items()])
         response = request.exec()
         if response.has_error():
-            raise MossEdgeError(f"{MODELS[graph]}: {response.error().message()}")
+            raise RuntimeError(f"{MODELS[graph]}: {response.error().message()}")  # the server's fault, not the request's
         return {t.name(): t.as_numpy() for t in response.output_tensors()}
 
     def _answer(self, request) -> list:
-        given = {name: t.as_numpy() for name in INPUTS if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None}
-        audio, prompt, opts = request_arguments(given)
+        audio, prompt, opts = request_arguments(given_inputs(pb_utils, request))
         waveform = to_waveform(audio)
         clip_tokens = [clip_token_count(len(waveform), self.dims.chunk_frames)]
         ids = prompt_ids(prompt, clip_tokens, self.tokenizer, self.ids, self.dims.vocab_size)
@@ -54,17 +52,14 @@ class TritonPythonModel:
         asked, opts = opts, replace(opts, max_new_tokens=min(room, opts.max_new_tokens))
         tokens = list(generate_tokens(self.model, ids, self.model.encode([waveform]), opts))
         r = result(self.tokenizer.decode(tokens) if self.tokenizer else "", tokens, len(ids), opts, asked, {})
-        return [pb_utils.Tensor("text", np.array([r.text.encode()], np.object_)),
-                pb_utils.Tensor("thinking", np.array([r.thinking.encode()], np.object_)),
-                pb_utils.Tensor("generated_tokens", np.array([len(tokens)], np.int64)),
-                pb_utils.Tensor("prompt_tokens", np.array([len(ids)], np.int64)),
-                pb_utils.Tensor("stop_reason", np.array([r.stop_reason.encode()], np.object_))]
+        arrays = answer_arrays(r.text, r.thinking, len(tokens), len(ids), r.stop_reason)
+        return [pb_utils.Tensor(name, value) for name, value in arrays.items()]
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
                 responses.append(pb_utils.InferenceResponse(output_tensors=self._answer(request)))
-            except MossEdgeError as err:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err))))
+            except Exception as err:  # every request gets an answer; what kind, triton_error decides
+                responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, err, MODEL)))
         return responses

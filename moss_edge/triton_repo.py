@@ -22,14 +22,11 @@ from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.graphs import GRAPHS
 from moss_edge.runtime.session import TRT_WORKSPACE, ShapeLimits, trt_profiles
+from moss_edge.serve import MODEL, python_model_config
 
 MODELS = {"encoder": "moss_encoder", "adapter": "moss_adapter", "decoder": "moss_decoder"}
-BLS_MODEL = "moss_audio"
+BLS_MODEL = MODEL
 TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
-BLS_INPUTS = (("audio", "TYPE_STRING", "1"), ("samples", "TYPE_FP32", "-1"), ("sample_rate", "TYPE_INT32", "1"),
-              ("prompt", "TYPE_STRING", "1"), ("prompt_ids", "TYPE_INT64", "-1"), ("options", "TYPE_STRING", "1"))
-BLS_OUTPUTS = (("text", "TYPE_STRING"), ("thinking", "TYPE_STRING"), ("generated_tokens", "TYPE_INT64"),
-               ("prompt_tokens", "TYPE_INT64"), ("stop_reason", "TYPE_STRING"))
 MODEL_PY = Path(__file__).parent / "triton_bls_model.py"
 
 
@@ -58,13 +55,6 @@ def graph_config(graph: str, entry: dict, gpu: bool, instances: int, profiles: d
     return "\n".join(lines) + "\n"
 
 
-def bls_config(instances: int) -> str:
-    ins = ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ {d} ] optional: true }}' for n, t, d in BLS_INPUTS)
-    outs = ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ 1 ] }}' for n, t in BLS_OUTPUTS)
-    return "\n".join([f'name: "{BLS_MODEL}"', 'backend: "python"', "max_batch_size: 0", "input [", ins, "]",
-                      "output [", outs, "]", f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]"]) + "\n"
-
-
 def write_repository(artifact_dir: Path, out: Path, gpu: bool = False, instances: int = 1,
                      trt_cache: Path | None = None) -> Path:
     """The repository at out (staged: complete or absent). gpu: the graph models run on the GPU,
@@ -91,7 +81,7 @@ def write_repository(artifact_dir: Path, out: Path, gpu: bool = False, instances
         shutil.copy(artifact.root / "manifest.json", version / "manifest.json")
         for f in manifest.get("tokenizer_files", {}):
             shutil.copy(artifact.root / f, version / f)
-        (tmp / BLS_MODEL / "config.pbtxt").write_text(bls_config(instances))
+        (tmp / BLS_MODEL / "config.pbtxt").write_text(python_model_config(BLS_MODEL, instances))
         (tmp / "README.md").write_text(
             f"Triton model repository for {artifact.root.name} (moss-edge triton-repo): send requests to "
             f"`{BLS_MODEL}`; it calls {', '.join(MODELS.values())}. The Python backend needs "

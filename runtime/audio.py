@@ -37,10 +37,13 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-        raise MossEdgeError(
-            f"cannot decode {path} as audio ({err}); give a wav, flac, ogg or mp3 file"
-        ) from None
+        raise MossEdgeError(f"cannot decode {path} as audio ({decode_failure(err)}); give a wav, flac, ogg or mp3 file") from None
     return samples, rate
+
+
+def decode_failure(err: Exception) -> str:
+    """libsndfile's reason alone ("Format not recognised"), without the repr of what it was reading."""
+    return (getattr(err, "error_string", None) or str(err)).rstrip(".")
 
 
 MAX_CHANNELS = 64

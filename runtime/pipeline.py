@@ -14,7 +14,7 @@ import numpy as np
 import soundfile as sf
 
 from moss_edge.runtime.artifact import Artifact
-from moss_edge.runtime.audio import (SAMPLE_RATE, EncoderBatch, chunk_mels, clip_token_count, load_audio, log_mel,
+from moss_edge.runtime.audio import (SAMPLE_RATE, EncoderBatch, chunk_mels, clip_token_count, decode_failure, load_audio, log_mel,
                                      prepare_waveform)
 from moss_edge.runtime.cpu import cpu_features, integer_dot_product
 from moss_edge.runtime.errors import MossEdgeError
@@ -42,7 +42,7 @@ def to_waveform(audio: AudioInput) -> np.ndarray:
         try:
             samples, rate = sf.read(io.BytesIO(audio), dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-            raise MossEdgeError(f"cannot decode the audio bytes ({err}); give wav, flac, ogg or mp3 data") from None
+            raise MossEdgeError(f"cannot decode the audio bytes ({decode_failure(err)}); give wav, flac, ogg or mp3 data") from None
         return prepare_waveform(samples, rate)
     if isinstance(audio, tuple) and len(audio) == 2:
         return prepare_waveform(audio[0], audio[1])

@@ -108,8 +108,10 @@ def _fake_triton(repo):
             return Response([Tensor(n, v) for n, v in zip(self.names, values)])
 
     class TritonError:
-        def __init__(self, message):
-            self._message = message
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message, code):
+            self._message, self.code = message, code
 
         def message(self):
             return self._message
@@ -120,6 +122,7 @@ def _fake_triton(repo):
     module.Tensor, module.InferenceRequest, module.InferenceResponse, module.TritonError = \
         Tensor, InferenceRequest, Response, TritonError
     module.get_input_tensor_by_name = lambda request, name: request.get(name)
+    module.Logger = types.SimpleNamespace(log_error=print)
     return module
 
 
@@ -150,4 +153,4 @@ def test_the_bls_model_answers_as_the_pipeline_does(trt_artifact, tmp_path, monk
     assert int(out["prompt_tokens"][0]) == want.prompt_tokens
     # model.py sends each graph the types its config (the manifest) declares: fp16 activations and cache
     assert fake.sent[("moss_encoder", "mel")] == fake.sent[("moss_decoder", "past_key_0")] == "float16"
-    assert refused.has_error() and "no audio" in refused.error().message()
+    assert refused.has_error() and "no audio" in refused.error().message() and refused.error().code == "INVALID_ARG"
