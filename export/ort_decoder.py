@@ -256,4 +256,6 @@ def build_ort_decoder(portable: onnx.ModelProto, d: Dims, lang: LanguageConfig, 
                               inputs, outputs, [t for t in g.initializer if t.name in used] + b.consts)
     opsets = [helper.make_opsetid("", max(o.version for o in portable.opset_import if o.domain in ("", "ai.onnx"))),
               helper.make_opsetid(MS, 1)]
-    return helper.make_model(graph, opset_imports=opsets, producer_name="moss-audio-edge")
+    # the portable graph's IR version, not onnx's newest: onnxruntime reads IR versions up to the one
+    # of its own release (1.20: 10), and these graphs need nothing newer than the opset they import
+    return helper.make_model(graph, opset_imports=opsets, producer_name="moss-audio-edge", ir_version=portable.ir_version)

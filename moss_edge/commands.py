@@ -219,8 +219,7 @@ def cmd_check(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from moss_edge.quantize.plan import summarize_kept
-    from moss_edge.runtime.artifact import Artifact, fp16_graphs
+    from moss_edge.runtime.artifact import Artifact, fp16_graphs, summarize_kept
 
     artifact = Artifact.load(args.artifact, check_hashes=not args.no_hash_check)
     m = artifact.manifest
@@ -309,8 +308,8 @@ def cmd_quantize(args) -> None:
 
 def _quantize(args, make) -> None:
     """What quantize and export --recipe share: the recipe, the verifier, the report."""
-    from moss_edge.quantize.plan import summarize_kept
     from moss_edge.quantize.recipe import load_recipe
+    from moss_edge.runtime.artifact import summarize_kept
     from moss_edge.export.writer import check_output
 
     recipe = load_recipe(args.recipe)

@@ -136,15 +136,3 @@ def higher_precision_weights(plan: GraphPlan, written: onnx.ModelProto,
         out[name] = {"precision": floats.get(name, "int8"), "reason": reason,
                      "parameters": int(np.prod(before[name][1]))}
     return out
-
-
-def summarize_kept(kept: dict[str, dict[str, dict]]) -> list[str]:
-    """One line per graph and reason: how many weights (parameters) stay more precise."""
-    lines = []
-    for graph, weights in kept.items():
-        groups: dict[tuple[str, str], list[int]] = {}
-        for w in weights.values():
-            groups.setdefault((w["precision"], w["reason"]), []).append(w["parameters"])
-        for (precision, reason), sizes in groups.items():
-            lines.append(f"{graph}: {len(sizes)} weight(s), {sum(sizes) / 1e6:.2f} M parameters kept {precision}: {reason}")
-    return lines

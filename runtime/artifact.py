@@ -157,3 +157,15 @@ def fp16_graphs(manifest: dict) -> list[str]:
     return [name for name, entry in manifest["graphs"].items()
             if any(i["name"] == ACTIVATION_INPUT.get(name, "audio_embeds") and i["dtype"] == "float16"
                    for i in entry["inputs"])]
+
+
+def summarize_kept(kept: dict[str, dict[str, dict]]) -> list[str]:
+    """One line per graph and reason: how many weights (parameters) stay more precise."""
+    lines = []
+    for graph, weights in kept.items():
+        groups: dict[tuple[str, str], list[int]] = {}
+        for w in weights.values():
+            groups.setdefault((w["precision"], w["reason"]), []).append(w["parameters"])
+        for (precision, reason), sizes in groups.items():
+            lines.append(f"{graph}: {len(sizes)} weight(s), {sum(sizes) / 1e6:.2f} M parameters kept {precision}: {reason}")
+    return lines
