@@ -219,7 +219,7 @@ def cmd_check(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from moss_edge.runtime.artifact import Artifact, fp16_graphs, summarize_kept
+    from moss_edge.runtime.artifact import Artifact, fp16_graphs, promoted_lines, summarize_kept
 
     artifact = Artifact.load(args.artifact, check_hashes=not args.no_hash_check)
     m = artifact.manifest
@@ -272,6 +272,8 @@ def cmd_info(args) -> None:
         _print_summary(m["parity"])
     for line in summarize_kept(m.get("quantization", {}).get("higher_precision", {})):
         print(f"kept      {line}")
+    for line in promoted_lines(m.get("quantization", {}).get("promoted", {}), m.get("quantization", {}).get("keep_until_pass")):
+        print(f"promoted  {line}")
 
 
 def cmd_bench(args) -> None:
@@ -308,8 +310,9 @@ def cmd_quantize(args) -> None:
 
 def _quantize(args, make) -> None:
     """What quantize and export --recipe share: the recipe, the verifier, the report."""
+    from moss_edge.quantize.keep import advice
     from moss_edge.quantize.recipe import load_recipe
-    from moss_edge.runtime.artifact import summarize_kept
+    from moss_edge.runtime.artifact import promoted_lines, summarize_kept
     from moss_edge.export.writer import check_output
 
     recipe = load_recipe(args.recipe)
@@ -326,12 +329,14 @@ def _quantize(args, make) -> None:
     manifest = result.manifest
     for line in summarize_kept(manifest["quantization"]["higher_precision"]):
         print(f"kept: {line}")
+    for line in promoted_lines(manifest["quantization"].get("promoted", {}), manifest["quantization"].get("keep_until_pass")):
+        print(f"promoted: {line}")
     if "parity" in manifest:
         _print_summary(manifest["parity"])
     print(f"runs on: {', '.join(manifest['backends'])}")
-    advice = ("try --keep-until-pass (keeps the most error-sensitive decoder weights one step more precise), or a "
-              "recipe that keeps more precision (--recipe int8, or a recipe file with \"keep\": [...])")
-    _finish(result.path, manifest.get("parity", {}), advice)
+    failed = result.report is not None and not result.report["summary"]["passed"]
+    _finish(result.path, manifest.get("parity", {}), advice(result.report, recipe, args.keep_until_pass,
+                                                            manifest["quantization"].get("promoted")) if failed else "")
 
 
 def cmd_train_tiny(args) -> None:

@@ -2,8 +2,8 @@
 
 Named steps, in order: plan (each source graph parsed once; what is quantized, and why every
 other weight is not), calibrate, write the graphs, record (the manifest), verify. With
-keep_until_pass, the last four repeat with the most error-sensitive decoder weights one step
-more precise until the parity check passes.
+keep_until_pass, the last three repeat with the most error-sensitive weights of the graph that
+fails one step more precise until the parity check passes (quantize/keep.py).
 """
 
 import json
@@ -25,7 +25,8 @@ from moss_edge.export.writer import check_output, graph_entry, staged_dir, write
 from moss_edge.quantize.dynamic_int8 import quantize_dynamic_int8
 from moss_edge.quantize.half import ENCODER_CLAMP, half_plan
 from moss_edge.quantize.half_emulation import encoder_headroom
-from moss_edge.quantize.graph import WeightRule, half_precision_cache, quantize_weights, weight_sensitivity
+from moss_edge.quantize.graph import WeightRule, half_precision_cache, quantize_weights
+from moss_edge.quantize.keep import failing_graphs, figure, ranked, steps
 from moss_edge.quantize.kernels import cpu_kernels
 from moss_edge.quantize.plan import GraphPlan, higher_precision_weights, plan_graph
 from moss_edge.quantize.preflight import check_fits
@@ -108,9 +109,9 @@ def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration
         for f in src.manifest["graphs"][p.name]["files"]:
             shutil.copy(src.root / f, tmp / f)
     elif precision == "int8-dynamic":
-        written.dynamic_int8 = quantize_dynamic_int8(p.model, p.read, dst)
+        written.dynamic_int8 = quantize_dynamic_int8(p.model, p.read, dst, frozenset(written.promoted))
     else:
-        rules = promote(p.rules, list(written.promoted))
+        rules = promote(p.rules, list(written.promoted), p.recipe.dtype)
         written.weights = quantize_weights(p.model, p.read, dst, rules,
                                            calibration.decoder_stats if p.name == "decoder" else None,
                                            calibration.activation_scales.get(p.name), half)
@@ -130,11 +131,12 @@ def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration
     return written
 
 
-def promote(rules: dict[str, WeightRule], names: list[str]) -> dict[str, WeightRule]:
-    """The rules with `names` one step up: INT4 -> INT8, INT8 -> fp32 (dropped from the rules)."""
+def promote(rules: dict[str, WeightRule], names: list[str], dtype: str) -> dict[str, WeightRule]:
+    """The rules with `names` one step up (quantize/keep.py, steps): INT4 -> INT8 in an fp32
+    graph, else to the graph's float type (dropped from the rules)."""
     out = dict(rules)
     for name in names:
-        if out[name].bits == 4:
+        if out[name].bits == 4 and dtype == "fp32":
             out[name] = WeightRule(8, out[name].block, out[name].method)
         else:
             del out[name]
@@ -181,31 +183,55 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
         "weight_bytes": {name: weight_bytes(w.proto) for name, w in quantized.items()}}
     if written["encoder"].fp16_headroom:
         manifest["quantization"]["fp16_headroom"] = {"encoder": written["encoder"].fp16_headroom}
-    promoted = {n: e for w in written.values() for n, e in w.promoted.items()}
+    promoted = {name: {n: {**vars(steps(plans[name])[n]), "weighted_error": e} for n, e in w.promoted.items()}
+                for name, w in written.items() if w.promoted}
     if promoted:
-        manifest["quantization"]["kept_more_precise"] = promoted
+        manifest["quantization"]["promoted"] = promoted
     manifest["unfinished"] = "quantize: not verified yet"
     write_manifest(tmp, manifest)
     return manifest
 
 
-def keep_more_precise_until_pass(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan], calibration: Calibration,
-                    written: dict[str, WrittenGraph], verify, log) -> tuple[dict, dict]:
-    """Keep the decoder weights with the largest measured quantization error one step more
-    precise, 1, 2, 4, ... of them, until the parity check passes or none is left."""
-    decoder = plans["decoder"]
-    sensitivity = weight_sensitivity(decoder.model, decoder.read, decoder.rules, calibration.decoder_stats)
-    ranked = sorted(sensitivity, key=sensitivity.get, reverse=True)
-    count, manifest, report = 1, None, None
-    while count <= len(ranked):
-        log(f"parity failed; keeping the {count} most sensitive decoder weight(s) one step more precise")
-        written["decoder"] = write_graph(src, tmp, decoder, calibration, {n: sensitivity[n] for n in ranked[:count]})
+def keep_more_precise_until_pass(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan],
+                                 calibration: Calibration, written: dict[str, WrittenGraph], verify, report: dict,
+                                 log) -> tuple[dict, dict, list[dict]]:
+    """Rounds of quantize/keep.py: in the first graph that fails, keep its most error-sensitive
+    weights one step more precise, 1, 1, 2, 4, ... more of them, until the check passes. A graph
+    is done when it has nothing left to promote or three rounds in a row bring no new best figure;
+    the next failing graph goes on. Returns the last manifest and report, and the rounds (what
+    each promoted and the graph's figure before and after)."""
+    manifest, rounds, done, best, stale = None, [], set(), {}, {}
+    while not report["summary"]["passed"]:
+        graphs = failing_graphs(report)
+        graph = next((g for g in graphs if g not in done and steps(plans[g])), None)
+        if graph is None:
+            log(f"parity fails in {', '.join(graphs) or 'the end-to-end figures'}, where keeping weights one step "
+                "more precise has nothing left to try")
+            break
+        promoted = written[graph].promoted
+        left = [(n, e) for n, e in ranked(plans[graph], calibration.decoder_stats) if n not in promoted]
+        if not left:
+            log(f"the {graph} still fails with all {len(promoted)} of its weights one step more precise")
+            done.add(graph)
+            continue
+        take = left[:max(1, len(promoted))]
+        before = figure(report, graph)
+        best.setdefault(graph, before)
+        log(f"parity fails in the {graph} (worst cosine {before:.6f}); keeping {len(take)} more of its weights one "
+            "step more precise")
+        written[graph] = write_graph(src, tmp, plans[graph], calibration, {**promoted, **dict(take)})
         manifest = record(src, tmp, recipe, plans, written, log)
         report = verify(tmp)
-        if report["summary"]["passed"]:
-            break
-        count *= 2
-    return manifest, report
+        after = figure(report, graph)
+        rounds.append({"graph": graph, "weights": [n for n, _ in take], "worst_cosine_before": before,
+                       "worst_cosine_after": after, "passed": report["summary"]["passed"]})
+        stale[graph] = 0 if after > best[graph] else stale.get(graph, 0) + 1
+        best[graph] = max(best[graph], after)
+        if stale[graph] >= 3:
+            log(f"three rounds in the {graph} brought its worst cosine no higher than {best[graph]:.6f}; "
+                "stopping there")
+            done.add(graph)
+    return manifest, report, rounds
 
 
 def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, calibration: str | None = None,
@@ -243,8 +269,10 @@ def quantize_artifact(src_dir: str | Path, out_dir: str | Path, recipe: Recipe, 
             shutil.copy(src.file(f), tmp / f)
         manifest = record(src, tmp, recipe, plans, written, log)
         report = verify(tmp) if verify else None
-        if keep_until_pass and not report["summary"]["passed"] and plans["decoder"].rules:
-            manifest, report = keep_more_precise_until_pass(src, tmp, recipe, plans, calib, written, verify, log)
+        if keep_until_pass and not report["summary"]["passed"]:
+            kept, report, rounds = keep_more_precise_until_pass(src, tmp, recipe, plans, calib, written, verify, report, log)
+            manifest = kept or manifest
+            manifest["quantization"]["keep_until_pass"] = rounds
         keep_reference(src, tmp, verify, manifest)
         if report is not None:
             report["artifact"] = str(out)  # checked in the staging folder, reported where it will live

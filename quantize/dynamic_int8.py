@@ -28,12 +28,14 @@ FORMAT = {"activations": "uint8, per tensor, quantized at run time", "weights": 
           "why": "u8 x s8 pair sums stay within int16, so AVX2 kernels without VNNI do not saturate"}
 
 
-def quantize_dynamic_int8(model: onnx.ModelProto, read: Callable[[TensorProto], np.ndarray], dst: Path) -> dict:
+def quantize_dynamic_int8(model: onnx.ModelProto, read: Callable[[TensorProto], np.ndarray], dst: Path,
+                          keep: frozenset[str] = frozenset()) -> dict:
     """Write dst (+ dst.data) from the fp32 graph `model` (parsed without its weights; read gives
     each initializer's value, one at a time): every MatMul on a constant 2-D weight becomes
-    dynamic INT8 with 7-bit weights per output channel, after the stem's convolutions become
-    MatMuls. The nodes are the pattern ONNX Runtime fuses into DynamicQuantizeMatMul. Returns
-    the format record for the manifest, with the worst pair sum measured on dst."""
+    dynamic INT8 with 7-bit weights per output channel (but the weights named in keep, which stay
+    fp32), after the stem's convolutions become MatMuls. The nodes are the pattern ONNX Runtime
+    fuses into DynamicQuantizeMatMul. Returns the format record for the manifest, with the worst
+    pair sum measured on dst."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     rewritten = convolutions_as_matmuls(model, read)  # the stem's convolutions become INT8 MatMuls too
     activations: dict[str, tuple[str, str, str]] = {}  # MatMul input -> its quantized (x, scale, zero point)
@@ -43,7 +45,7 @@ def quantize_dynamic_int8(model: onnx.ModelProto, read: Callable[[TensorProto], 
         for init in model.graph.initializer:
             value = read(init)
             users = [u for u in consumers.get(init.name, []) if u.op_type == "MatMul" and u.input[1] == init.name]
-            if len(init.dims) != 2 or not users:
+            if len(init.dims) != 2 or not users or init.name in keep:
                 rw.initializers.append(rw.writer.tensor(init.name, init.data_type, init.dims,
                                                         np.ascontiguousarray(value).tobytes()))
                 continue

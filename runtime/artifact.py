@@ -169,3 +169,18 @@ def summarize_kept(kept: dict[str, dict[str, dict]]) -> list[str]:
         for (precision, reason), sizes in groups.items():
             lines.append(f"{graph}: {len(sizes)} weight(s), {sum(sizes) / 1e6:.2f} M parameters kept {precision}: {reason}")
     return lines
+
+
+def promoted_lines(promoted: dict[str, dict], rounds: list[dict] | None = None) -> list[str]:
+    """One line per graph: what --keep-until-pass kept more precise, the bytes it added, and the
+    graph's worst cosine before its first round and after its last."""
+    lines = []
+    for graph, weights in promoted.items():
+        moves = sorted({f"{w['before']} -> {w['after']}" for w in weights.values()})
+        added = sum(w["bytes_added"] for w in weights.values())
+        mine = [r for r in rounds or [] if r["graph"] == graph]
+        change = (f", worst cosine {mine[0]['worst_cosine_before']:.6f} -> {mine[-1]['worst_cosine_after']:.6f} "
+                  f"in {len(mine)} round(s)" if mine else "")
+        lines.append(f"{graph}: {len(weights)} weight(s) one step more precise ({', '.join(moves)}), "
+                     f"+{added / 2**20:.2f} MiB{change}")
+    return lines

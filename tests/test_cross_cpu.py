@@ -127,3 +127,12 @@ for argv in (["info", art], ["verify", art], ["run", art, "--audio", {str(CLIP)!
     done = runtime_env.run(AARCH64, "cortex-a76", ["-c", script], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert done.stdout.count("$ ") == 4 and "passed" in done.stdout.lower()  # verify's summary
+
+
+def test_every_graph_is_within_the_ir_version_the_oldest_onnxruntime_reads(recorded):
+    """onnxruntime 1.20 reads ONNX IR versions up to 10: no graph of an artifact may need more."""
+    import onnx
+
+    for artifact in recorded.values():
+        for path in sorted(artifact.glob("*.onnx")):
+            assert onnx.load(str(path), load_external_data=False).ir_version <= 10, path.name
