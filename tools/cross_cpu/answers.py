@@ -48,18 +48,18 @@ def answers(artifact: Path, clips: list[Path], text: str, tokens: int, stream: b
     for path, (decoder, prefill) in ways.items():
         pipe = Pipeline.load(artifact, threads=1, decoder=decoder, prefill=prefill)
         settings[path] = pipe.settings
-        for i, clip in enumerate(clips):
+        for clip in clips:
             waveform = to_waveform(clip)
             features = pipe.encode([waveform])
-            out[f"logits/{path}/{i}"] = pipe.prefill(pipe.prompt_ids(prompt, features.clip_tokens), features)
+            out[f"logits/{path}/{clip.stem}"] = pipe.prefill(pipe.prompt_ids(prompt, features.clip_tokens), features)
     pipe = Pipeline.load(artifact, threads=1)  # the prompt path this CPU gets by default
     settings["default"] = pipe.settings
-    for i, clip in enumerate(clips):
-        out[f"tokens/{i}"] = np.array(pipe.generate(clip, prompt, max_new_tokens=tokens).tokens, np.int64)
+    for clip in clips:
+        out[f"tokens/{clip.stem}"] = np.array(pipe.generate(clip, prompt, max_new_tokens=tokens).tokens, np.int64)
         if stream:
             waveform = to_waveform(clip)
             for exact in (True, False):
-                key = f"stream_{'exact' if exact else 'causal'}/{i}"
+                key = f"stream_{'exact' if exact else 'causal'}/{clip.stem}"
                 out[key] = np.array(streamed(pipe, waveform, prompt, tokens, exact), np.int64)
     out["settings"] = np.array(json.dumps(settings, default=str))
     return out
