@@ -4,10 +4,11 @@ on this machine, on x86-64 AVX2 without VNNI (qemu-x86_64 -cpu Haswell) and on a
 (tools/cross_cpu/runtime_env.py: -cpu cortex-a76, the Jetson Orin / Raspberry Pi 5 feature set;
 neoverse-v1, a Graviton3's: i8mm, SVE; max: SVE2 and SME too). Per recipe and CPU: are the
 greedy tokens (default path; streamed exact and causal on int4) the same as here, and the prompt
-logits' cosine and max relative difference to this machine's on each way the CPU runs the prompt. int4-trt's fp16 graphs run as their emulated fp32 twins
-(no fp16 CPU kernels; made here with onnx, as verify runs them).
+logits' cosine and max relative difference to this machine's on each way the CPU runs the prompt.
+int4-trt's fp16 graphs run as their emulated fp32 twins (no fp16 CPU kernels; made here with
+onnx, as verify runs them).
 
-    python benchmarks/cross_cpu.py --workdir /tmp/xcpu --aarch64 .aarch64 -o benchmarks/cross-cpu.json
+    python benchmarks/cross_cpu.py --workdir /tmp/xcpu --aarch64 .aarch64-env -o benchmarks/cross-cpu.json [--resume]
 
 Wall times under emulation are not performance figures and are not recorded.
 """

@@ -193,7 +193,8 @@ def serve(artifact: Path, instances: int, threads: int | None, host: str, http_p
     return 0
 
 
-def launch(artifact: Path, instances: int = 1, timeout_s: float = 180, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, dict[str, str]]:
+def launch(artifact: Path, instances: int = 1, timeout_s: float = 180,
+           extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, dict[str, str]]:
     """`moss-edge serve` in a child process on free local ports, returned once both models are
     ready: (process, {"http": host:port, "grpc": host:port, "metrics": host:port}). extra: more
     `serve` arguments."""

@@ -75,8 +75,9 @@ def test_a_failure_in_one_graph_promotes_that_graphs_weights(synthetic_artifact,
 def test_rounds_that_cannot_help_stop_and_the_advice_names_the_graph(synthetic_artifact, tmp_path):
     calls = []
     recipe = PRESETS["int4"]()
-    result = quantize_artifact(synthetic_artifact, tmp_path / "out", recipe, verify=planted("decoder", 10**6, gain=0.0, calls=calls),
-                               keep_until_pass=True, log=lambda m: None)
+    never = planted("decoder", 10**6, gain=0.0, calls=calls)
+    result = quantize_artifact(synthetic_artifact, tmp_path / "out", recipe, verify=never, keep_until_pass=True,
+                               log=lambda m: None)
     assert not result.passed
     rounds = result.manifest["quantization"]["keep_until_pass"]
     assert len(rounds) == 3 and {r["graph"] for r in rounds} == {"decoder"}  # three rounds without a new best
