@@ -183,8 +183,11 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
         "weight_bytes": {name: weight_bytes(w.proto) for name, w in quantized.items()}}
     if written["encoder"].fp16_headroom:
         manifest["quantization"]["fp16_headroom"] = {"encoder": written["encoder"].fp16_headroom}
-    promoted = {name: {n: {**vars(steps(plans[name])[n]), "weighted_error": e} for n, e in w.promoted.items()}
-                for name, w in written.items() if w.promoted}
+    promoted = {}
+    for name, w in written.items():
+        if w.promoted:
+            step = steps(plans[name])
+            promoted[name] = {n: {**vars(step[n]), "weighted_error": e} for n, e in w.promoted.items()}
     if promoted:
         manifest["quantization"]["promoted"] = promoted
     manifest["unfinished"] = "quantize: not verified yet"
@@ -201,6 +204,7 @@ def keep_more_precise_until_pass(src: Artifact, tmp: Path, recipe: Recipe, plans
     the next failing graph goes on. Returns the last manifest and report, and the rounds (what
     each promoted and the graph's figure before and after)."""
     manifest, rounds, done, best, stale = None, [], set(), {}, {}
+    order = {}  # graph -> its weights ranked once (the ranking reads and quantizes every weight)
     while not report["summary"]["passed"]:
         graphs = failing_graphs(report)
         graph = next((g for g in graphs if g not in done and steps(plans[g])), None)
@@ -209,7 +213,9 @@ def keep_more_precise_until_pass(src: Artifact, tmp: Path, recipe: Recipe, plans
                 "more precise has nothing left to try")
             break
         promoted = written[graph].promoted
-        left = [(n, e) for n, e in ranked(plans[graph], calibration.decoder_stats) if n not in promoted]
+        if graph not in order:
+            order[graph] = ranked(plans[graph], calibration.decoder_stats)
+        left = [(n, e) for n, e in order[graph] if n not in promoted]
         if not left:
             log(f"the {graph} still fails with all {len(promoted)} of its weights one step more precise")
             done.add(graph)

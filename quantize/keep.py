@@ -83,8 +83,8 @@ def steps(plan: GraphPlan) -> dict[str, Step]:
 
 def ranked(plan: GraphPlan, stats: dict | None) -> list[tuple[str, float]]:
     """The graph's promotable weights, most error-sensitive first: (weight, weighted error)."""
-    can = steps(plan)
-    rules = {n: plan.rules.get(n) or WeightRule(8, plan.weights[n][1][0], per_channel=True) for n in can}
+    weights = plan.weights
+    rules = {n: plan.rules.get(n) or WeightRule(8, weights[n][1][0], per_channel=True) for n in steps(plan)}
     sensitivity = weight_sensitivity(plan.model, plan.read, rules, stats if plan.name == "decoder" else None)
     return sorted(sensitivity.items(), key=lambda item: item[1], reverse=True)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.audio import SAMPLE_RATE
 from moss_edge.runtime.cpu import cpu_features, integer_dot_product
 from moss_edge.runtime.pipeline import Pipeline, to_waveform
@@ -33,8 +34,8 @@ def streamed(pipe: Pipeline, waveform: np.ndarray, prompt: str, tokens: int, exa
 def answers(artifact: Path, clips: list[Path], text: str, tokens: int, stream: bool) -> dict[str, np.ndarray]:
     """stream: streamed requests too (exact and causal), on each clip."""
     out, settings = {}, {}
-    first = Pipeline.load(artifact, threads=1)
-    manifest = first.artifact.manifest
+    loaded = Artifact.load(artifact)  # the manifest alone: each way below loads its own sessions
+    manifest = loaded.manifest
     # every way the CPU can run the prompt: the portable decoder, the CPU decoder (contrib ops), and
     # that decoder with the INT8 prompt graph
     cpu_decoder = manifest.get("decoders", {}).get("cpu")
@@ -43,8 +44,8 @@ def answers(artifact: Path, clips: list[Path], text: str, tokens: int, stream: b
         ways["cpu-decoder"] = (cpu_decoder, "decoder")
         if manifest.get("prefill", {}).get("cpu"):
             ways["int8-prompt"] = (cpu_decoder, "int8")
-    ids = first.ids  # an artifact without a tokenizer is asked in token ids: a few text ids around the clip
-    prompt = text if first.tokenizer is not None else [1, 2, 3, ids.audio_start, ids.audio_end, 4, 5]
+    ids = loaded.token_ids  # an artifact without a tokenizer is asked in token ids: a few text ids around the clip
+    prompt = text if loaded.tokenizer_files else [1, 2, 3, ids.audio_start, ids.audio_end, 4, 5]
     for path, (decoder, prefill) in ways.items():
         pipe = Pipeline.load(artifact, threads=1, decoder=decoder, prefill=prefill)
         settings[path] = pipe.settings
