@@ -247,6 +247,12 @@ def cmd_info(args) -> None:
     if m.get("prefill"):
         print("prompts   " + ", ".join(f"{provider} runs {graph} (INT8, per-row activations) where the CPU has integer "
                                        "dot-product or matrix instructions" for provider, graph in m["prefill"].items()))
+    kv = m.get("quantization", {}).get("kv_cache")
+    if kv:
+        cpu = ", ".join(g for g in m["graphs"] if m["graphs"][g].get("onnxruntime"))
+        too_old = artifact.unsupported(m["decoders"]["cpu"])
+        print(f"KV cache  {kv['dtype']} in {cpu} ({kv['scales']}; onnxruntime {kv['onnxruntime']}"
+              + (f"; {too_old}: the runtime runs the portable decoder, fp32 cache" if too_old else "") + ")")
     half = fp16_graphs(m)
     if half:
         print(f"fp16      {', '.join(half)} compute in fp16 (GPUs; verified on a CPU through emulation)")

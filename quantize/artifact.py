@@ -28,6 +28,7 @@ from moss_edge.quantize.half_emulation import encoder_headroom
 from moss_edge.quantize.graph import WeightRule, half_precision_cache, quantize_weights
 from moss_edge.quantize.keep import failing_graphs, figure, ranked, steps
 from moss_edge.quantize.kernels import cpu_kernels
+from moss_edge.quantize.kv_cache import FORMAT, cache_ranges, int8_cache
 from moss_edge.quantize.plan import GraphPlan, higher_precision_weights, plan_graph
 from moss_edge.quantize.preflight import check_fits
 from moss_edge.quantize.prefill import write_prefill_decoder
@@ -35,12 +36,14 @@ from moss_edge.quantize.recipe import Recipe
 from moss_edge.runtime.artifact import Artifact
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.runtime.graphs import CUDA_DECODER, ORT_DECODER, PREFILL_DECODER
+from moss_edge.runtime.prompt import TextTokenizer
 
 
 @dataclass
 class Calibration:
     decoder_stats: dict | None = None  # MatMul input -> {"sq": E[x^2], "abs": E[|x|]} (data-aware INT4/INT8)
     activation_scales: dict[str, dict[str, float]] = field(default_factory=dict)  # W8A8: graph -> input -> scale
+    samples: list = field(default_factory=list)  # the calibration set (an int8 KV cache's scales are taken on it)
 
 
 @dataclass
@@ -52,6 +55,7 @@ class WrittenGraph:
     promoted: dict[str, float] = field(default_factory=dict)  # weight kept one step more precise -> its weighted error
     ort_variant: onnx.ModelProto | None = None  # the decoder's contrib-op twin (decoder_ort.onnx, or decoder_cuda.onnx)
     ort_provider: str = "cpu"  # the provider that runs it
+    kv_cache: dict | None = None  # an int8 cache's format record (quantize/kv_cache.py)
     prefill: tuple[onnx.ModelProto, dict] | None = None  # the prompt graph (decoder_prefill.onnx) and its format
     fp16_headroom: dict | None = None  # an fp16 encoder's largest values on the bundled recordings
 
@@ -74,7 +78,8 @@ def plan(src: Artifact, recipe: Recipe) -> dict[str, GraphPlan]:
 
 def calibrate(src: Artifact, recipe: Recipe, plans: dict[str, GraphPlan], calibration: str | None,
               cache_dir: Path | None, log, reference=None) -> Calibration:
-    """Decoder input statistics (AWQ, clipping) and activation scales (W8A8) from real audio.
+    """Decoder input statistics (AWQ, clipping) and activation scales (W8A8) from real audio, and
+    the samples (an int8 KV cache is calibrated on them once its decoder is written).
     reference: the fp32 PyTorch model when one is loaded already (the verifier's)."""
     if not recipe.needs_calibration:
         return Calibration()
@@ -92,7 +97,7 @@ def calibrate(src: Artifact, recipe: Recipe, plans: dict[str, GraphPlan], calibr
         if p.recipe.precision == "w8a8":
             ranges = activation_ranges(src.root, p.model, name, list(p.rules), samples, p.recipe.activations)
             scales[name] = {act: max(r, 1e-8) / 127 for act, r in ranges.items()}
-    return Calibration(stats, scales)
+    return Calibration(stats, scales, samples)
 
 
 def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration,
@@ -128,7 +133,22 @@ def write_graph(src: Artifact, tmp: Path, p: GraphPlan, calibration: Calibration
         written.ort_variant = write_ort_decoder(tmp, written.proto, src.dims, language, src.token_ids.audio_token)
         if p.recipe.prefill == "int8" and written.ort_variant is not None:
             written.prefill = write_prefill_decoder(tmp, p, written.proto, src.dims, language, src.token_ids.audio_token)
+        if p.recipe.kv_cache == "int8" and written.ort_variant is not None:
+            written.kv_cache = write_int8_cache(src, tmp, written, calibration.samples)
     return written
+
+
+def write_int8_cache(src: Artifact, tmp: Path, written: WrittenGraph, samples: list) -> dict:
+    """The CPU decoders just written (decoder_ort, and the prompt graph if any) with an int8 KV
+    cache, its scales calibrated on `samples` through decoder_ort as written; the format record."""
+    tokenizer = TextTokenizer.from_dir(src.root) if src.tokenizer_files else None
+    keys, values = cache_ranges(tmp, src.dims, src.token_ids, tokenizer, samples)
+    for name, model in ((ORT_DECODER, written.ort_variant), (PREFILL_DECODER, written.prefill and written.prefill[0])):
+        if model is not None:
+            int8_cache(model, src.dims, keys, values)
+            onnx.save(model, str(tmp / f"{name}.onnx"))
+    return {**FORMAT, "calibration_samples": len(samples),
+            "largest_key": float(keys.max()), "largest_value": float(values.max())}
 
 
 def promote(rules: dict[str, WeightRule], names: list[str], dtype: str) -> dict[str, WeightRule]:
@@ -163,6 +183,10 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
         manifest["graphs"][PREFILL_DECODER] = graph_entry(tmp, PREFILL_DECODER, "int8-dynamic", written["decoder"].prefill[0],
                                                           hashed)
         manifest["prefill"] = {"cpu": PREFILL_DECODER}
+    if decoder.kv_cache:  # older onnxruntime releases refuse the int8 cache: the runtime checks this first
+        for name in (ORT_DECODER, PREFILL_DECODER):
+            if name in manifest["graphs"]:
+                manifest["graphs"][name]["onnxruntime"] = decoder.kv_cache["onnxruntime"]
     manifest.pop("engine_plan", None)
     manifest.update(deployment_entries(tmp, manifest))
     kernels = {name: cpu_kernels(tmp / f"{name}.onnx") for name, e in manifest["graphs"].items()
@@ -176,6 +200,7 @@ def record(src: Artifact, tmp: Path, recipe: Recipe, plans: dict[str, GraphPlan]
         "from": src.manifest["source"]["checkpoint"] if src.manifest.get("weights_in_checkpoint") else str(src.root.resolve()),
         "dynamic_int8": {name: w.dynamic_int8 for name, w in written.items() if w.dynamic_int8},
         **({"prefill": written["decoder"].prefill[1]} if written["decoder"].prefill else {}),
+        **({"kv_cache": written["decoder"].kv_cache} if written["decoder"].kv_cache else {}),
         "higher_precision": {name: higher_precision_weights(plans[name], w.proto, {
             n: f"--keep-until-pass: one step more precise (weighted error {e:.2e})" for n, e in w.promoted.items()})
             for name, w in written.items()},

@@ -21,7 +21,10 @@ class GraphRecipe:
     lm_head: str = "int8"  # decoder only
     embedding: str = "int8"  # decoder only
     dtype: str = "fp32"  # activations: fp32 (ONNX Runtime CPU) or fp16 (GPUs: TensorRT, ONNX Runtime CUDA; quantize/half.py)
-    kv_cache: str = "fp32"  # decoder only: the portable decoder's cache inputs/outputs (fp16 halves them on a GPU)
+    # decoder only: fp16 keeps the portable decoder's cache in fp16 (halves it on a GPU); int8 keeps
+    # the CPU decoders' cache (decoder_ort, decoder_prefill) in int8 with calibrated scales
+    # (quantize/kv_cache.py), the portable decoder's in fp32
+    kv_cache: str = "fp32"
     prefill: str = "none"  # decoder only: "int8" adds the prompt graph on the CPU's integer GEMM (quantize/prefill.py)
     keep: list[str] = field(default_factory=list)  # weight-name fragments kept in fp32
     activations: str = "percentile"  # w8a8 activation ranges: percentile (99.99th) or minmax
@@ -53,10 +56,13 @@ class GraphRecipe:
                                                             or self.prefill != "none"):
             raise MossEdgeError("decoder: an fp16 decoder keeps its KV cache in fp16 (kv_cache fp16), its table in "
                                 "fp16 or int8 (not fp32), and has no CPU prompt graph (prefill none)")
-        if self.kv_cache not in ("fp32", "fp16"):
-            raise MossEdgeError(f"{graph}: kv_cache {self.kv_cache!r} must be fp32 or fp16")
+        if self.kv_cache not in ("fp32", "fp16", "int8"):
+            raise MossEdgeError(f"{graph}: kv_cache {self.kv_cache!r} must be fp32, fp16 or int8")
         if self.kv_cache != "fp32" and graph != "decoder":
             raise MossEdgeError(f"{graph}: kv_cache is a decoder setting")
+        if self.kv_cache == "int8" and self.precision == "int8-dynamic":  # (an fp16 decoder is refused above)
+            raise MossEdgeError(f"{graph}: kv_cache int8 is the cache of the CPU decoder built from ONNX Runtime's "
+                                "GroupQueryAttention, which a weight-only decoder has (fp32, int8 or int4)")
         if self.prefill not in ("none", "int8"):
             raise MossEdgeError(f"{graph}: prefill {self.prefill!r} must be none or int8")
         if self.prefill != "none" and (graph != "decoder" or self.precision not in ("int4", "int8")):
@@ -82,7 +88,7 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         return any((g.method != "rtn" and g.precision in ("int4", "int8")) or g.precision == "w8a8"
-                   for g in self.graphs.values())
+                   or g.kv_cache == "int8" for g in self.graphs.values())
 
 
 def _preset(name: str, encoder: str, adapter: str, decoder: GraphRecipe) -> Recipe:
@@ -96,10 +102,13 @@ PRESETS = {
     # 4B widths 0.19 s instead of 0.64 s for 30 s of audio, and the packaged model's held-out
     # answers are the same as with the fp32 adapter (docs/quantization.md, the int8 row). Prompts run on INT8
     # copies of the layer weights (the CPU's integer GEMM; docs/quantization.md, "Prompts on the integer GEMM").
-    "int4": lambda: _preset("int4", "int8-dynamic", "int8-dynamic", GraphRecipe("int4", block=128, prefill="int8")),
+    # The CPU decoders keep the KV cache in int8 (per-channel scales calibrated on real audio): at 10
+    # minutes of audio the fp32 cache outweighs the INT4 weights (docs/quantization.md, "KV cache").
+    "int4": lambda: _preset("int4", "int8-dynamic", "int8-dynamic",
+                            GraphRecipe("int4", block=128, prefill="int8", kv_cache="int8")),
     # the same with activation-aware scaling and clipping from the calibration set
     "int4-awq": lambda: _preset("int4-awq", "int8-dynamic", "int8-dynamic",
-                                GraphRecipe("int4", method="awq", block=128, prefill="int8")),
+                                GraphRecipe("int4", method="awq", block=128, prefill="int8", kv_cache="int8")),
     # Jetson / TensorRT and ONNX Runtime CUDA, in the form NVIDIA's toolchains take: fp16
     # activations, every weight INT4 weight-only blocked by 128 with fp16 scales (TensorRT 10
     # quantizes INT8 only with its activations), the embedding table and KV cache fp16

@@ -127,6 +127,16 @@ class Artifact:
                                 "list; export the artifact again")
         return name
 
+    def unsupported(self, graph: str) -> str | None:
+        """Why the onnxruntime installed here cannot run `graph` (its manifest entry names the
+        release it needs: an int8 KV cache needs a recent one), or None."""
+        import onnxruntime
+
+        needed = self.manifest["graphs"][graph].get("onnxruntime")
+        if needed is None or release(onnxruntime.__version__) >= release(needed.removeprefix(">=")):
+            return None
+        return f"{graph} needs onnxruntime {needed}, this is {onnxruntime.__version__}"
+
     def graph_path(self, name: str) -> Path:
         return self.file(self.manifest["graphs"][name]["file"])
 
@@ -146,6 +156,17 @@ class Artifact:
     def dims(self) -> Dims:
         """The sizes the graphs were built with (the graph contract's Dims)."""
         return Dims.from_manifest(self.manifest["model"])
+
+
+def release(version: str) -> tuple[int, ...]:
+    """"1.27.0" -> (1, 27, 0); a local or pre-release suffix ("1.28.0.dev2", "1.27.1+cu12") is ignored."""
+    parts = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 # the input that carries each graph's activations (its type is the graph's compute type)

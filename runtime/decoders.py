@@ -19,6 +19,7 @@ from moss_edge.runtime.graphs import CUDA_DECODER, ORT_DECODER, Dims, buffered_d
 from moss_edge.runtime.session import ShapeLimits, shrinking_arena
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
 def output_devices(session) -> dict[str, str]:
@@ -43,10 +44,10 @@ class _Runner:
         self.dims = dims
         self.prefill_chunk = prefill_chunk
         # the types the graph declares: an fp16 graph takes fp16 activations and cache; an fp32
-        # one may keep its cache alone in fp16
+        # one may keep its cache alone in fp16, or (decoder_ort) in int8
         types = {i.name: i.type for i in session.get_inputs()}
-        self.embed_dtype = np.float16 if "float16" in types["audio_embeds"] else np.float32
-        self.cache_dtype = np.float16 if "float16" in types[cache_names(dims, "past")[0]] else np.float32
+        self.embed_dtype = ORT_TYPES[types["audio_embeds"]]
+        self.cache_dtype = ORT_TYPES[types[cache_names(dims, "past")[0]]]
         self.length = 0
         self.step_audio = np.zeros((1, 1, dims.hidden_size), self.embed_dtype)
         self.step_deepstack = np.zeros((dims.num_deepstack, 1, 1, dims.hidden_size), self.embed_dtype)

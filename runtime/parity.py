@@ -222,8 +222,8 @@ def decoders_to_check(pipe) -> list[tuple[str, str, str]]:
     m, provider = pipe.artifact.manifest, pipe.provider
     out = [(pipe.decoder_graph, "decoder", provider)]
     for name in ("decoder", ORT_DECODER, CUDA_DECODER):
-        if name not in m["graphs"] or name == pipe.decoder_graph:
-            continue
+        if name not in m["graphs"] or name == pipe.decoder_graph or pipe.artifact.unsupported(name):
+            continue  # a graph this onnxruntime cannot run (the Pipeline says so when it loads) is not checked here
         if provider == "cpu" or name == "decoder" or (name == CUDA_DECODER and provider == "cuda"):
             out.append((name, "decoder", provider))
         elif name == ORT_DECODER and "cpu" in m.get("backends", []):

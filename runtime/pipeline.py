@@ -186,6 +186,13 @@ class Pipeline:
         if self.decoder_graph not in artifact.manifest["graphs"]:
             raise MossEdgeError(f"{artifact.root} has no {self.decoder_graph!r} graph; it has "
                                 f"{', '.join(artifact.manifest['graphs'])}")
+        too_old = artifact.unsupported(self.decoder_graph)
+        if too_old and decoder:
+            raise MossEdgeError(f"{too_old}: upgrade onnxruntime, or run the portable decoder (decoder 'decoder')")
+        if too_old:  # the portable decoder runs on every release this package supports, more slowly
+            warnings.warn(f"{too_old}: running the portable decoder instead (an fp32 KV cache, slower on long "
+                          "audio); upgrade onnxruntime for the faster one", stacklevel=3)
+            self.decoder_graph = "decoder"
         self.prefill_path, self.prefill_reason = choose_prefill(artifact, provider, self.decoder_graph, prefill,
                                                                 cpu_features())
         self.provider = provider

@@ -47,13 +47,16 @@ def answers(artifact: Path, clips: list[Path], text: str, tokens: int, stream: b
     ids = loaded.token_ids  # an artifact without a tokenizer is asked in token ids: a few text ids around the clip
     prompt = text if loaded.tokenizer_files else [1, 2, 3, ids.audio_start, ids.audio_end, 4, 5]
     for path, (decoder, prefill) in ways.items():
+        if loaded.unsupported(decoder):  # an int8 KV cache on an older onnxruntime: the runtime falls back
+            settings[path] = {"not run": loaded.unsupported(decoder)}
+            continue
         pipe = Pipeline.load(artifact, threads=1, decoder=decoder, prefill=prefill)
         settings[path] = pipe.settings
         for clip in clips:
             waveform = to_waveform(clip)
             features = pipe.encode([waveform])
             out[f"logits/{path}/{clip.stem}"] = pipe.prefill(pipe.prompt_ids(prompt, features.clip_tokens), features)
-    pipe = Pipeline.load(artifact, threads=1)  # the prompt path this CPU gets by default
+    pipe = Pipeline.load(artifact, threads=1)  # the decoder and prompt path this CPU gets by default
     settings["default"] = pipe.settings
     for clip in clips:
         out[f"tokens/{clip.stem}"] = np.array(pipe.generate(clip, prompt, max_new_tokens=tokens).tokens, np.int64)
