@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from moss_edge.bench import BenchSettings, bench_audio, bench_prompt, cpu_flags, directory_mib, peak_rss_mib
+from moss_edge.bench import bench_audio, cpu_flags, directory_mib, peak_rss_mib
+from prefill import at_full_depth, prompt_for, timed  # benchmarks/prefill.py: the same prompts and extrapolation
 
 UPSTREAM, FP32_CACHE, INT8_CACHE = "upstream PyTorch bf16", "ours int4, fp32 KV cache", "ours int4, int8 KV cache"
 SYSTEMS = (UPSTREAM, FP32_CACHE, INT8_CACHE)
-RECIPES = {FP32_CACHE: "int4", INT8_CACHE: "int4-kv8"}  # artifact folder suffixes
+RECIPES = {FP32_CACHE: "int4-fp32-cache", INT8_CACHE: "int4"}  # artifact folder suffixes
 ONE_CHUNK = "ours, one encoder chunk per run"
 ENCODERS = (UPSTREAM, ONE_CHUNK, "ours, runtime's choice")
 LENGTHS_S = (30, 120, 600)
@@ -47,18 +48,6 @@ def load(system: str, checkpoint: Path, artifact: Path, threads: int):
     if system == ONE_CHUNK:
         pipe.chunks_per_run = lambda chunks: 1
     return pipe
-
-
-def prompt_for(model, features) -> list[int]:
-    from moss_edge.runtime.prompt import expand_audio_spans
-
-    return expand_audio_spans(bench_prompt(model.ids, BenchSettings()), features.clip_tokens, model.ids)
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def measure_encoders(checkpoint: Path, artifact: Path, threads: int, rounds: int, lengths: list[int]) -> dict:
@@ -122,12 +111,6 @@ def peak_memory(system: str, checkpoint: Path, artifact: Path, threads: int, len
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def at_full_depth(by_depth: dict[int, float], full: int) -> float:
-    depths = sorted(by_depth)
-    slope, fixed = np.polyfit(depths, [by_depth[d] for d in depths], 1)
-    return float(fixed + full * slope)
-
-
 def extrapolate(measured: dict, encode: dict, memory: dict, lengths: list[int]) -> dict:
     """Full-depth figures per system and length: the decoder's at 36 layers, the encoder's as
     measured at 32 (ours: the runtime's choice)."""
@@ -186,26 +169,25 @@ def main() -> None:
     args = parser.parse_args()
     from moss_edge.export.synthetic import preset, write_synthetic_checkpoint
     from moss_edge.quantize.artifact import export_quantized
-    from moss_edge.quantize.recipe import GraphRecipe, Recipe, load_recipe
+    from moss_edge.quantize.recipe import Recipe, load_recipe
 
     def recipe(name: str) -> Recipe:
-        if name == "int4":
-            return load_recipe("int4")
-        int8_cache = load_recipe("int4")
-        int8_cache.graphs["decoder"] = GraphRecipe("int4", block=128, prefill="int8", kv_cache="int8")
-        return Recipe(name, int8_cache.graphs)
+        chosen = load_recipe("int4")  # its KV cache is int8
+        if name == RECIPES[FP32_CACHE]:
+            chosen.graphs["decoder"].kv_cache = "fp32"
+        return chosen
 
     work = Path(args.workdir)
 
-    def made(name: str, depth: int, encoder_depth: int, recipe_name: str) -> tuple[Path, Path]:
+    def made(name: str, encoder_depth: int, decoder_depth: int, recipe_name: str) -> tuple[Path, Path]:
         checkpoint, artifact = work / f"{name}-checkpoint", work / f"{name}-{recipe_name}"
         if not checkpoint.exists():
-            write_synthetic_checkpoint(checkpoint, preset("4b", depth, encoder_depth), dtype="bf16")
+            write_synthetic_checkpoint(checkpoint, preset("4b", encoder_depth, decoder_depth), dtype="bf16")
         if not artifact.exists():
             export_quantized(checkpoint, artifact, recipe(recipe_name), verify=False, log=lambda m: None)
         return checkpoint, artifact
 
-    encoder_checkpoint, encoder_artifact = made("4b-encoder", 1, FULL_ENCODER, "int4")
+    encoder_checkpoint, encoder_artifact = made("4b-encoder", FULL_ENCODER, 1, "int4")
     print(f"timing the encoders at {FULL_ENCODER} layers", flush=True)
     encode = measure_encoders(encoder_checkpoint, encoder_artifact, args.threads, args.rounds, args.seconds)
     measured, memory, sizes = {}, {}, {}

@@ -145,7 +145,7 @@ def write_int8_cache(src: Artifact, tmp: Path, written: WrittenGraph, samples: l
     keys, values = cache_ranges(tmp, src.dims, src.token_ids, tokenizer, samples)
     for name, model in ((ORT_DECODER, written.ort_variant), (PREFILL_DECODER, written.prefill and written.prefill[0])):
         if model is not None:
-            int8_cache(model, src.dims, keys, values)
+            int8_cache(model, src.dims, keys, values, prompt_graph=name == PREFILL_DECODER)
             onnx.save(model, str(tmp / f"{name}.onnx"))
     return {**FORMAT, "calibration_samples": len(samples),
             "largest_key": float(keys.max()), "largest_value": float(values.max())}

@@ -11,7 +11,8 @@ decoder   input_ids, position_ids [batch, seq], audio_embeds [batch, seq, H],
           -> logits [batch, vocab] (last position), present_key_i / present_value_i [batch, kv, past + seq, hd]
 decoder_ort  the same model for ONNX Runtime's CPU provider (export/ort_decoder.py): batch 1, no
           position_ids; the cache inputs are buffers of `capacity` positions that the outputs
-          alias, seqlens_k [1] and total_sequence_length [] say how much of them is valid
+          alias (fp32, or int8 with per-channel scales: quantize/kv_cache.py), seqlens_k [1] and
+          total_sequence_length [] say how much of them is valid
 decoder_prefill  decoder_ort's inputs and outputs: the prompt path on the CPU's integer GEMM (INT8
           weights, activations quantized per row); quantize writes it when the recipe asks for it,
           and the runtime runs prompts through it and tokens through decoder_ort, on the same

@@ -24,7 +24,8 @@ from moss_edge.runtime.graphs import ORT_DECODER, graph_spec, mismatches
 from moss_edge.runtime.inference import AudioFeatures
 from moss_edge.runtime.prompt import TextTokenizer, prompt_ids
 from moss_edge.runtime.sampling import SamplingOptions
-from moss_edge.runtime.session import PROVIDERS, ShapeLimits, make_session, run_typed, shrinking_arena, trt_profiles
+from moss_edge.runtime.session import (PROVIDERS, ShapeLimits, available_memory, make_session, run_typed, shrinking_arena,
+                                      trt_profiles)
 
 AudioInput = str | Path | bytes | tuple[np.ndarray, int] | np.ndarray
 
@@ -172,11 +173,9 @@ class Pipeline:
 
         self._session = session
         self.encoder, self.adapter = session("encoder"), session("adapter")
-        # Encoder chunks per run. On CPU, one at a time costs the least memory for nearly the best
-        # speed (4B widths, 30 s = 8 chunks, 2 threads: 1 per run 0.75 s and 0.27 GB of
-        # activations, 2: 0.71 s and 0.55 GB, all 8: 0.94 s and 2.2 GB); GPUs take the model's
-        # conv_chunksize, as upstream batches them.
-        self.chunks_per_run = 1 if provider == "cpu" else self.dims.conv_chunksize
+        # An encoder run's activations on the CPU: about 150 fp32 tensors of [chunk tokens, d_model]
+        # per chunk (4B widths: 8 chunks per run peaked 620 MB above 4 per run)
+        self.encoder_chunk_bytes = 150 * 4 * (self.dims.chunk_frames // 2) * self.dims.audio_dim
         check_graph_io(artifact, "encoder", self.encoder)
         check_graph_io(artifact, "adapter", self.adapter)
         # audio-only users (calibration) skip the decoder: at 4B in fp32 it is the bulk of the memory
@@ -224,7 +223,8 @@ class Pipeline:
             if self.prefill_path == "int8":
                 sessions[self.artifact.manifest["prefill"][self.provider]] = self.decoder.prompt_session
         return {"decoder": self.decoder_graph, "prefill": {"path": self.prefill_path, "why": self.prefill_reason},
-                "limits": vars(self.limits), "chunks_per_encoder_run": self.chunks_per_run,
+                "limits": vars(self.limits),
+                "chunks_per_encoder_run": self.chunks_per_run(self.dims.conv_chunksize),
                 "sessions": {g: {"providers": s.get_providers(), "provider_options": s.get_provider_options(),
                                  "intra_op_threads": s.get_session_options().intra_op_num_threads}
                              for g, s in sessions.items()}}
@@ -317,7 +317,21 @@ class Pipeline:
         # (last=False: kept for a stream's next chunk)
         release = shrinking_arena if last else lambda: None
         return encode_chunks(batch, lambda feeds, final: run_typed(self.encoder, feeds, release() if final else None),
-                             lambda feeds: run_typed(self.adapter, feeds, release()), self.chunks_per_run)
+                             lambda feeds: run_typed(self.adapter, feeds, release()), self.chunks_per_run(len(batch.frames)))
+
+    # Encoder chunks per run on the CPU, where memory allows. 4B widths, the encoder's 32 layers,
+    # 10 min of audio (150 chunks), 2 threads, AMX: 103 ms a chunk one per run, 84 two, 76 four,
+    # 80 eight; peak RSS 80 MB above one per run with four, 700 MB with eight.
+    CPU_CHUNKS_PER_RUN = 4
+
+    def chunks_per_run(self, chunks: int) -> int:
+        """How many of `chunks` encoder chunks go into one run: GPUs take the model's
+        conv_chunksize, as upstream batches them; the CPU up to CPU_CHUNKS_PER_RUN, one at a time
+        where the memory available is under twice what the larger run needs."""
+        if self.provider != "cpu":
+            return self.dims.conv_chunksize
+        per_run = min(self.CPU_CHUNKS_PER_RUN, chunks)
+        return per_run if 2 * per_run * self.encoder_chunk_bytes < available_memory() else 1
 
     def prompt_ids(self, prompt: str | list[int], clip_tokens: list[int]) -> list[int]:
         return prompt_ids(prompt, clip_tokens, self.tokenizer, self.ids, self.dims.vocab_size)

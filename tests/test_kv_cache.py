@@ -64,11 +64,22 @@ def test_the_cpu_decoders_cache_is_int8_with_scales_covering_the_calibrated_rang
     graphs = [onnx.load(str(art.graph_path(n)), load_external_data=False) for n in (ORT_DECODER, PREFILL_DECODER)]
     scales = [{i.name: numpy_helper.to_array(i) for i in g.graph.initializer if i.name.startswith("kv_cache_")} for g in graphs]
     assert len(scales[0]) == 2 * d.num_hidden_layers and all(np.array_equal(scales[0][k], scales[1][k]) for k in scales[0])
-    for g in graphs:
-        for node in (n for n in g.graph.node if n.op_type == "GroupQueryAttention"):
-            attrs = {a.name: a for a in node.attribute}
-            assert attrs["kv_cache_bit_width"].i == 8 and attrs["k_quant_type"].s == b"PER_CHANNEL"
-            assert node.input[12].startswith("kv_cache_key_scale_") and node.input[13].startswith("kv_cache_value_scale_")
+    # the token graph's attention keeps the cache in int8 itself; the prompt graph's attends in fp32
+    # between a dequantization of each layer's buffer and a quantization back into it
+    for node in (n for n in graphs[0].graph.node if n.op_type == "GroupQueryAttention"):
+        attrs = {a.name: a for a in node.attribute}
+        assert attrs["kv_cache_bit_width"].i == 8 and attrs["k_quant_type"].s == b"PER_CHANNEL"
+        assert node.input[12].startswith("kv_cache_key_scale_") and node.input[13].startswith("kv_cache_value_scale_")
+    made_by = {o: n for n in graphs[1].graph.node for o in n.output}
+    for layer in range(d.num_hidden_layers):
+        attention = made_by[f"attention_{layer}"]
+        assert "kv_cache_bit_width" not in {a.name for a in attention.attribute} and len(attention.input) == 9
+        for slot, kind in ((3, "key"), (4, "value")):
+            widened = made_by[attention.input[slot]]
+            assert widened.op_type == "Mul" and widened.input[1] == f"kv_cache_{kind}_scale_{layer}"
+            assert made_by[widened.input[0]].op_type == "Cast"
+            quantized = made_by[cache_names(d, "present")[2 * layer + slot - 3]]
+            assert quantized.op_type == "QuantizeLinear" and made_by[quantized.input[0]].input[1] == widened.input[1]
     # recomputed on the fp32-cache twin (the same weights): HEADROOM times each channel's calibrated
     # range, and a held-out clip's values within reach
     from moss_edge.calibration.dataset import CalibrationSample, build_samples, find_audio
