@@ -10,6 +10,7 @@ keep the fastest of each (shared machines add noise, never speed). Peak RSS: one
 per system and depth, prompts in increasing length, extrapolated per layer like the prefill.
 
     python benchmarks/long_audio.py --workdir /tmp/long -o benchmarks/long-audio-4b.json
+    python benchmarks/long_audio.py --summarize benchmarks/long-audio-4b.json   # the extrapolation and chart again
 """
 
 import argparse
@@ -111,22 +112,52 @@ def peak_memory(system: str, checkpoint: Path, artifact: Path, threads: int, len
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def extrapolate(measured: dict, encode: dict, memory: dict, lengths: list[int]) -> dict:
-    """Full-depth figures per system and length: the decoder's at 36 layers, the encoder's as
-    measured at 32 (ours: the runtime's choice)."""
+def peak_at_full_depth(by_depth: dict[int, float]) -> tuple[float, bool]:
+    """A peak RSS at full depth in MiB, extrapolated per layer; a peak that does not grow with depth
+    (upstream's at 10 min, where the encoder's activations set it) is the largest measured instead:
+    (MiB, extrapolated)."""
+    full = at_full_depth(by_depth, FULL_DECODER)
+    return (full, True) if full >= max(by_depth.values()) else (max(by_depth.values()), False)
+
+
+def extrapolate(raw: dict) -> dict:
+    """Full-depth figures per system and length from the raw figures (as the JSON holds them): the
+    decoder's at 36 layers, the encoder's as measured at 32 (ours: the runtime's choice)."""
+    measured, encode, memory = raw["measured"], raw["encode_s_at_32_layers"], raw["peak_rss_mib"]
     out = {}
     for s in SYSTEMS:
         out[s] = {}
-        for seconds in lengths:
-            per = {d: measured[d][s][seconds] for d in measured}
+        for seconds in raw["seconds"]:
+            per = {int(d): measured[d][s][str(seconds)] for d in measured}
+            peak, grows = peak_at_full_depth({int(d): memory[d][s][str(seconds)] for d in memory})
             fig = {"positions": next(iter(per.values()))["positions"],
-                   "encode_s": encode[UPSTREAM if s == UPSTREAM else ENCODERS[2]][seconds],
+                   "encode_s": encode[UPSTREAM if s == UPSTREAM else ENCODERS[2]][str(seconds)],
                    **{key: at_full_depth({d: f[key] for d, f in per.items()}, FULL_DECODER)
                       for key in ("prefill_s", "decode_ms_per_token")},
-                   "peak_rss_gib": at_full_depth({d: memory[d][s][str(seconds)] for d in memory}, FULL_DECODER) / 1024}
+                   "peak_rss_gib": peak / 1024, "peak_rss_extrapolated": grows}
             fig["first_token_s"] = fig["encode_s"] + fig["prefill_s"]
-            out[s][seconds] = fig
+            out[s][str(seconds)] = fig
     return out
+
+
+def summarize(raw: dict, output: Path) -> dict:
+    """The raw figures with their full-depth extrapolation and the issue's ratios, written to
+    output (JSON) with its chart beside it (PNG)."""
+    full = extrapolate(raw)
+    longest, shortest = str(max(raw["seconds"])), str(min(raw["seconds"]))
+    result = {**raw, "full_depth": full, "targets": {
+        "int8 cache decode, longest over shortest": full[INT8_CACHE][longest]["decode_ms_per_token"]
+        / full[INT8_CACHE][shortest]["decode_ms_per_token"],
+        "int8 cache decode over upstream's, longest": full[INT8_CACHE][longest]["decode_ms_per_token"]
+        / full[UPSTREAM][longest]["decode_ms_per_token"],
+        "encode over upstream's, longest": raw["encode_s_at_32_layers"][ENCODERS[2]][longest]
+        / raw["encode_s_at_32_layers"][UPSTREAM][longest],
+        "peak RSS int8 over fp32 cache, longest": full[INT8_CACHE][longest]["peak_rss_gib"]
+        / full[FP32_CACHE][longest]["peak_rss_gib"]}}
+    output.write_text(json.dumps(result, indent=1))
+    chart(full, raw["seconds"], f"4B widths, full depth extrapolated from {raw['depths']} layers, {raw['threads']} "
+          f"threads [{raw['cpu_flags']}]", output.with_suffix(".png"))
+    return result
 
 
 def chart(full: dict, lengths: list[int], title: str, path: Path) -> None:
@@ -141,7 +172,7 @@ def chart(full: dict, lengths: list[int], title: str, path: Path) -> None:
                            (axes[1], "decode_ms_per_token", "decode at that context (ms/token)"),
                            (axes[2], "peak_rss_gib", "peak RSS (GiB)")):
         for s, color in zip(SYSTEMS, ("#888888", "#9cc3e6", "#2a7ab0")):
-            values = [full[s][sec][key] for sec in lengths]
+            values = [full[s][str(sec)][key] for sec in lengths]
             ax.plot(minutes, values, "o-", color=color, label=s)
             for x, v in zip(minutes, values):
                 ax.annotate(f"{v:.3g}", (x, v), fontsize=7, textcoords="offset points", xytext=(0, 4))
@@ -158,6 +189,9 @@ def chart(full: dict, lengths: list[int], title: str, path: Path) -> None:
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--memory-worker":
         print(json.dumps(memory_worker(*json.loads(sys.argv[2]))))
+        return
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarize":  # again from a JSON's raw figures, without measuring
+        summarize(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[2]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="where the synthetic checkpoints and artifacts are made")
@@ -198,26 +232,12 @@ def main() -> None:
         print(f"timing {depth} layers", flush=True)
         measured[depth] = measure_depth(checkpoints, artifacts, args.threads, args.rounds, args.seconds)
         memory[depth] = {s: peak_memory(s, checkpoints[s], artifacts[s], args.threads, args.seconds) for s in SYSTEMS}
-    full = extrapolate(measured, encode, memory, args.seconds)
-    longest, shortest = max(args.seconds), min(args.seconds)
-    result = {"cpu_flags": cpu_flags(), "threads": args.threads, "rounds": args.rounds, "depths": args.depths,
-              "widths": "MOSS-Audio-4B (hidden 2560, intermediate 9728, encoder d_model 1280)",
-              "artifact_mib": sizes, "measured": measured, "encode_s_at_32_layers": encode, "peak_rss_mib": memory,
-              "full_depth": full,
-              "targets": {
-                  "int8 cache decode, longest over shortest": full[INT8_CACHE][longest]["decode_ms_per_token"]
-                  / full[INT8_CACHE][shortest]["decode_ms_per_token"],
-                  "int8 cache decode over upstream's, longest": full[INT8_CACHE][longest]["decode_ms_per_token"]
-                  / full[UPSTREAM][longest]["decode_ms_per_token"],
-                  "encode over upstream's, longest": encode[ENCODERS[2]][longest] / encode[UPSTREAM][longest],
-                  "peak RSS int8 over fp32 cache, longest": full[INT8_CACHE][longest]["peak_rss_gib"]
-                  / full[FP32_CACHE][longest]["peak_rss_gib"]}}
-    out = Path(args.output)
-    out.write_text(json.dumps(result, indent=1))
-    chart(full, args.seconds, f"4B widths, full depth extrapolated from {args.depths} layers, {args.threads} threads "
-          f"[{result['cpu_flags']}]", out.with_suffix(".png"))
-    print(json.dumps({"full_depth": full, "targets": result["targets"]}, indent=1))
-
+    raw = json.loads(json.dumps({  # the form the JSON keeps (string keys), which summarize reads
+        "cpu_flags": cpu_flags(), "threads": args.threads, "rounds": args.rounds, "depths": args.depths,
+        "seconds": args.seconds, "widths": "MOSS-Audio-4B (hidden 2560, intermediate 9728, encoder d_model 1280)",
+        "artifact_mib": sizes, "measured": measured, "encode_s_at_32_layers": encode, "peak_rss_mib": memory}))
+    result = summarize(raw, Path(args.output))
+    print(json.dumps({"full_depth": result["full_depth"], "targets": result["targets"]}, indent=1))
 
 if __name__ == "__main__":
     main()

@@ -130,13 +130,6 @@ class BufferedDecoderRunner(_Runner):
     # efficiency: at 4B widths, 2 threads, AMX, 4 layers, 2000 positions took 1.64 s in pieces of
     # 256, 1.74 s of 512 and 1.90 s of 2048; 419 positions 0.32 s in pieces of 256, 0.35 s whole.
     PROMPT_PIECE = 256
-    # With an int8 cache the prompt graph dequantizes and requantizes each layer's whole buffer
-    # once per piece (quantize/kv_cache.py), so fewer, larger pieces: at 4B widths, 4 layers, 10
-    # min of audio (8,365 positions), 2 threads, AMX, 14.7 s with an fp32 cache in pieces of 256;
-    # with the int8 one 19.4 s in pieces of 256, 15.7 s of 1024, 14.8 s of 2048. GroupQueryAttention
-    # holds a piece's scores against the whole cache ([32 heads, piece, positions] fp32: 1.1 GB for
-    # 1024 at 10 min, 2.2 GB for 2048), so 1024.
-    INT8_CACHE_PROMPT_PIECE = 1024
 
     def __init__(self, session, dims: Dims, prefill_chunk: int = ShapeLimits.max_prompt, prompt_session=None):
         super().__init__(session, dims, prefill_chunk)
@@ -179,8 +172,7 @@ class BufferedDecoderRunner(_Runner):
         self._reserve(self.length + len(ids))  # once for the whole prompt, not piece by piece
         if self.prompt_session is None or len(ids) < self.MIN_PROMPT_POSITIONS:
             return super().extend(ids, audio, deepstack, last)
-        piece = self.INT8_CACHE_PROMPT_PIECE if self.cache_dtype == np.int8 else self.PROMPT_PIECE
-        return self._in_pieces(ids, audio, deepstack, last, min(piece, self.prefill_chunk),
+        return self._in_pieces(ids, audio, deepstack, last, min(self.PROMPT_PIECE, self.prefill_chunk),
                                partial(self._run, session=self.prompt_session))
 
     def truncate(self, length: int) -> None:

@@ -65,7 +65,7 @@ def test_the_cpu_decoders_cache_is_int8_with_scales_covering_the_calibrated_rang
     scales = [{i.name: numpy_helper.to_array(i) for i in g.graph.initializer if i.name.startswith("kv_cache_")} for g in graphs]
     assert len(scales[0]) == 2 * d.num_hidden_layers and all(np.array_equal(scales[0][k], scales[1][k]) for k in scales[0])
     # the token graph's attention keeps the cache in int8 itself; the prompt graph's attends in fp32
-    # between a dequantization of each layer's buffer and a quantization back into it
+    # to the dequantized cached positions and scatters its piece, quantized, into the buffer
     for node in (n for n in graphs[0].graph.node if n.op_type == "GroupQueryAttention"):
         attrs = {a.name: a for a in node.attribute}
         assert attrs["kv_cache_bit_width"].i == 8 and attrs["k_quant_type"].s == b"PER_CHANNEL"
@@ -75,11 +75,16 @@ def test_the_cpu_decoders_cache_is_int8_with_scales_covering_the_calibrated_rang
         attention = made_by[f"attention_{layer}"]
         assert "kv_cache_bit_width" not in {a.name for a in attention.attribute} and len(attention.input) == 9
         for slot, kind in ((3, "key"), (4, "value")):
+            past, present = cache_names(d, "past")[2 * layer + slot - 3], cache_names(d, "present")[2 * layer + slot - 3]
             widened = made_by[attention.input[slot]]
             assert widened.op_type == "Mul" and widened.input[1] == f"kv_cache_{kind}_scale_{layer}"
-            assert made_by[widened.input[0]].op_type == "Cast"
-            quantized = made_by[cache_names(d, "present")[2 * layer + slot - 3]]
+            cached = made_by[made_by[widened.input[0]].input[0]]
+            assert cached.op_type == "Slice" and cached.input[0] == past
+            scatter = made_by[present]
+            assert scatter.op_type == "ScatterElements" and scatter.input[0] == past
+            quantized = made_by[scatter.input[2]]
             assert quantized.op_type == "QuantizeLinear" and made_by[quantized.input[0]].input[1] == widened.input[1]
+
     # recomputed on the fp32-cache twin (the same weights): HEADROOM times each channel's calibrated
     # range, and a held-out clip's values within reach
     from moss_edge.calibration.dataset import CalibrationSample, build_samples, find_audio
@@ -152,3 +157,16 @@ def test_an_onnxruntime_without_the_int8_cache_runs_the_portable_decoder(caches,
         from moss_edge.runtime.parity import decoders_to_check
 
         assert {g for g, _, _ in decoders_to_check(Pipeline.load(caches["int8"], with_decoder=False))} == {"decoder"}
+
+
+def test_info_says_how_the_cache_is_kept(caches, capsys, monkeypatch):
+    from moss_edge.cli import main
+
+    main(["info", str(caches["int8"])])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("KV cache"))
+    assert "int8 in decoder_ort, decoder_prefill" in line and "per channel" in line and ">=1.27" in line
+    monkeypatch.setattr(onnxruntime, "__version__", "1.20.1")
+    main(["info", str(caches["int8"])])
+    assert "the runtime runs the portable decoder" in capsys.readouterr().out
+    main(["info", str(caches["fp32"])])
+    assert "KV cache" not in capsys.readouterr().out
