@@ -102,13 +102,10 @@ PRESETS = {
     # 4B widths 0.19 s instead of 0.64 s for 30 s of audio, and the packaged model's held-out
     # answers are the same as with the fp32 adapter (docs/quantization.md, the int8 row). Prompts run on INT8
     # copies of the layer weights (the CPU's integer GEMM; docs/quantization.md, "Prompts on the integer GEMM").
-    # The CPU decoders keep the KV cache in int8 (per-channel scales calibrated on real audio): at 10
-    # minutes of audio the fp32 cache outweighs the INT4 weights (docs/quantization.md, "KV cache").
-    "int4": lambda: _preset("int4", "int8-dynamic", "int8-dynamic",
-                            GraphRecipe("int4", block=128, prefill="int8", kv_cache="int8")),
+    "int4": lambda: _preset("int4", "int8-dynamic", "int8-dynamic", GraphRecipe("int4", block=128, prefill="int8")),
     # the same with activation-aware scaling and clipping from the calibration set
     "int4-awq": lambda: _preset("int4-awq", "int8-dynamic", "int8-dynamic",
-                                GraphRecipe("int4", method="awq", block=128, prefill="int8", kv_cache="int8")),
+                                GraphRecipe("int4", method="awq", block=128, prefill="int8")),
     # Jetson / TensorRT and ONNX Runtime CUDA, in the form NVIDIA's toolchains take: fp16
     # activations, every weight INT4 weight-only blocked by 128 with fp16 scales (TensorRT 10
     # quantizes INT8 only with its activations), the embedding table and KV cache fp16

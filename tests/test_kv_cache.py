@@ -22,16 +22,16 @@ from moss_edge.runtime.prompt import TextTokenizer
 
 @pytest.fixture(scope="module")
 def caches(packaged_artifacts, tmp_path_factory):
-    """The packaged model quantized int4-awq (int8 cache) and the same recipe with an fp32 cache."""
+    """The packaged model quantized int4-awq (fp32 cache) and the same recipe with an int8 cache."""
     from moss_edge.quantize.artifact import quantize_artifact
 
-    spec = tmp_path_factory.mktemp("recipe") / "fp32-cache.json"
+    spec = tmp_path_factory.mktemp("recipe") / "int8-cache.json"
     recipe = load_recipe("int4-awq").to_dict()
-    recipe["decoder"]["kv_cache"] = "fp32"
-    spec.write_text(json.dumps({**recipe, "name": "int4-awq-fp32-cache"}))
-    fp32_cache = quantize_artifact(packaged_artifacts["fp32"], tmp_path_factory.mktemp("fp32cache") / "art",
+    recipe["decoder"]["kv_cache"] = "int8"
+    spec.write_text(json.dumps({**recipe, "name": "int4-awq-int8-cache"}))
+    int8_cache = quantize_artifact(packaged_artifacts["fp32"], tmp_path_factory.mktemp("int8cache") / "art",
                                    load_recipe(str(spec)), verify=False, log=lambda m: None).path
-    return {"int8": packaged_artifacts["int4"], "fp32": fp32_cache}
+    return {"int8": int8_cache, "fp32": packaged_artifacts["int4"]}
 
 
 def test_kv_cache_int8_is_a_setting_of_a_cpu_decoder(tmp_path):
@@ -46,8 +46,11 @@ def test_kv_cache_int8_is_a_setting_of_a_cpu_decoder(tmp_path):
     assert "weight-only" in refused({"precision": "int8-dynamic", "kv_cache": "int8"})
     assert "decoder setting" in refused({"precision": "int8-dynamic", "kv_cache": "int8"}, "encoder")
     assert "fp32, fp16 or int8" in refused({"precision": "int4", "kv_cache": "int4"})
-    assert load_recipe("int4").graphs["decoder"].kv_cache == "int8"
-    assert load_recipe("int4-awq").graphs["decoder"].kv_cache == "int8"
+    # the presets keep fp32 (docs/quantization.md, "The KV cache": int8 pays on long recordings only)
+    assert load_recipe("int4").graphs["decoder"].kv_cache == "fp32"
+    spec = tmp_path / "long.json"
+    spec.write_text(json.dumps({"decoder": {"precision": "int4", "prefill": "int8", "kv_cache": "int8"}}))
+    assert load_recipe(str(spec)).graphs["decoder"].kv_cache == "int8"
 
 
 def test_the_cpu_decoders_cache_is_int8_with_scales_covering_the_calibrated_range(caches, tmp_path):
