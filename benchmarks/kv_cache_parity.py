@@ -23,7 +23,10 @@ LAST = 64
 def last_logits(pipe: Pipeline, seconds: float) -> np.ndarray:
     """Logits at each of the prompt's last LAST positions (text after the audio), [LAST, vocab]."""
     features = pipe.encode([bench_audio(seconds)])
-    ids = pipe.prompt_ids([pipe.ids.audio_start, pipe.ids.audio_end] + [100 + i for i in range(LAST)], features.clip_tokens)
+    special = {pipe.ids.audio_token, pipe.ids.audio_start, pipe.ids.audio_end}
+    text = [t for t in range(pipe.dims.vocab_size) if t not in special]  # a small model's vocabulary is small
+    ids = pipe.prompt_ids([pipe.ids.audio_start, pipe.ids.audio_end] + [text[(100 + i) % len(text)] for i in range(LAST)],
+                          features.clip_tokens)
     pipe.prefill(ids[:-LAST], features)
     return np.array([pipe.step(token) for token in ids[-LAST:]])
 
