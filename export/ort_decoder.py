@@ -10,9 +10,10 @@ formats' DequantizeLinear and table gathers) are copied as they are.
 
 decoder_ort.onnx  input_ids [1, seq], audio_embeds [1, seq, H], deepstack_embeds [K, 1, seq, H],
                   past_key_i / past_value_i [1, kv, capacity, hd] (a buffer: valid up to the
-                  cached length; fp32, or int8 once quantize/kv_cache.py has made it so), seqlens_k [1] int32 (cached + seq - 1), total_sequence_length []
-                  int32 (cached + seq) -> logits [1, vocab], present_key_i / present_value_i (the
-                  same buffers, written in place when bound to the same memory)
+                  cached length; fp32, or int8 once quantize/kv_cache.py has made it so),
+                  seqlens_k [1] int32 (cached + seq - 1), total_sequence_length [] int32 (cached + seq)
+                  -> logits [1, vocab], present_key_i / present_value_i (the same buffers, written
+                  in place when bound to the same memory)
 """
 
 from pathlib import Path
