@@ -176,7 +176,7 @@ def chart(full: dict, lengths: list[int], title: str, path: Path) -> None:
             values = [full[s][str(sec)][key] for sec in lengths]
             ax.plot(minutes, values, "o-", color=color, label=s)
             for x, v in zip(minutes, values):
-                ax.annotate(f"{v:.3g}", (x, v), fontsize=7, textcoords="offset points", xytext=(0, 4))
+                ax.annotate(f"{v:.3g}" if v < 100 else f"{v:,.0f}", (x, v), fontsize=7, textcoords="offset points", xytext=(0, 4))
         ax.set_xlabel("audio (min)")
         ax.set_title(label, fontsize=10)
     axes[0].set_yscale("log")

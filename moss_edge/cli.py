@@ -7,6 +7,7 @@ import sys
 from moss_edge import __version__
 from moss_edge.commands import (cmd_bench, cmd_check, cmd_demo, cmd_eval, cmd_eval_many, cmd_export, cmd_info, cmd_quantize, cmd_run,
                                 cmd_serve, cmd_synthetic, cmd_train_tiny, cmd_triton_repo, cmd_verify)
+from moss_edge.quantize.recipe import PRESETS
 from moss_edge.runtime.errors import MossEdgeError
 from moss_edge.serve import MAX_QUEUE, QUEUE_TIMEOUT_S
 
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-start-id", type=int, help="id of <|audio_bos|> (default: processor_config.json, else upstream's)")
     p.add_argument("--audio-end-id", type=int, help="id of <|audio_eos|> (default: processor_config.json, else upstream's)")
     p.add_argument("--digit-ids", help="ids of the digits 0-9 used by time markers, comma-separated (default: 15-24)")
-    p.add_argument("--recipe", help="straight to a quantized artifact (int8, int4, int4-awq, int4-trt or a JSON recipe "
+    p.add_argument("--recipe", help=f"straight to a quantized artifact ({', '.join(PRESETS)} or a JSON recipe "
                                     "file): each weight read from the checkpoint, quantized and written, no fp32 artifact")
     _quantize_options(p)
     _parity_options(p, steps=16)
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", help="an fp32 artifact made by `moss-edge export`")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--recipe", default="int4-awq", help="int8, int4, int4-awq, int4-trt, or a JSON recipe file")
+    p.add_argument("--recipe", default="int4-awq", help=f"{', '.join(PRESETS)}, or a JSON recipe file")
     _quantize_options(p)
     _parity_options(p, steps=32)
     p.set_defaults(func=cmd_quantize)

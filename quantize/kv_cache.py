@@ -73,56 +73,26 @@ def cache_ranges(folder: Path, dims: Dims, ids: TokenIds, tokenizer: TextTokeniz
 
 def int8_cache(model: onnx.ModelProto, dims: Dims, keys: np.ndarray, values: np.ndarray, prompt_graph: bool) -> None:
     """Make the cache of a decoder_ort-form graph (in place) int8, with per-channel scales from
-    the ranges `keys` and `values` [layers, kv, head_dim].
-
-    The token graph's attention reads and writes the int8 cache itself. ONNX Runtime's int8
-    attention computes one query position at a time, though, which a prompt cannot afford (4B
-    widths, 8,192 cached positions, one thread: 5.5 ms per position against 1.2 ms in fp32, a
-    10 min prompt 430 s instead of 131 s at full depth). So in the prompt graph
-    (prompt_graph=True) each layer dequantizes the cached positions (only those: the buffer's
-    capacity is larger), attends in fp32, quantizes the piece's new keys and values with the
-    same rule and scatters them into the buffer, which the runner binds as both input and
-    output. One layer, a piece of 256 after 8,192 cached positions: 336 ms against 302 ms with
-    an fp32 cache; dequantizing and requantizing whole buffers instead cost 30% more at 10 min."""
-    floor = np.finfo(np.float32).tiny  # a channel that never held a value still needs a scale
+    the ranges `keys` and `values` [layers, kv, head_dim]: the token graph's attention reads and
+    writes the int8 cache itself; the prompt graph's (prompt_graph=True) attends in fp32 on it
+    (_attention_in_steps)."""
     graph = model.graph
     attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     if len(attention) != dims.num_hidden_layers:
         raise ValueError(f"{graph.name}: {len(attention)} GroupQueryAttention nodes for {dims.num_hidden_layers} layers")
-    nodes, layer = _piece_positions(graph) if prompt_graph else [], -1
+    nodes, layer = _piece_positions(graph, dims) if prompt_graph else [], -1
+    written = None  # the rows the previous layer wrote
     for node in graph.node:
         if node.op_type != "GroupQueryAttention":
             nodes.append(node)
             continue
         layer += 1
-        scales = []
-        for kind, ranges in (("key", keys), ("value", values)):
-            name = f"kv_cache_{kind}_scale_{layer}"
-            scale = np.maximum(HEADROOM * ranges[layer] / LEVELS, floor).astype(np.float32)
-            graph.initializer.append(numpy_helper.from_array(scale.reshape(1, dims.num_key_value_heads, 1, dims.head_dim), name))
-            scales.append(name)
-        if not prompt_graph:
-            del node.input[9:]
-            node.input.extend(["", "", "", *scales])  # position_ids, attention_bias, head_sink unused; k_scale, v_scale
-            node.attribute.extend([onnx.helper.make_attribute("k_quant_type", "PER_CHANNEL"),
-                                   onnx.helper.make_attribute("v_quant_type", "PER_CHANNEL"),
-                                   onnx.helper.make_attribute("kv_cache_bit_width", 8)])
-            nodes.append(node)
-            continue
-        after = []
-        for slot, scale in zip((1, 2), scales):  # outputs 1, 2 (present) answer inputs 3, 4 (past)
-            past, present = node.input[slot + 2], node.output[slot]
-            nodes += [_node("Slice", [past, "kv_cache_zero", "kv_cache_cached", "kv_cache_axis"], f"{past}_cached"),
-                      _node("Cast", [f"{past}_cached"], f"{past}_wide", to=TensorProto.FLOAT),
-                      _node("Mul", [f"{past}_wide", scale], f"{past}_fp32")]
-            node.input[slot + 2], node.output[slot] = f"{past}_fp32", f"{present}_fp32"
-            after += [_node("Slice", [f"{present}_fp32", "kv_cache_cached", "kv_cache_total", "kv_cache_axis"], f"{present}_new"),
-                      _node("Div", [f"{present}_new", scale], f"{present}_steps"),
-                      _node("QuantizeLinear", [f"{present}_steps", "kv_cache_unit_scale", "kv_cache_zero_point"], f"{present}_int8"),
-                      _node("Shape", [f"{present}_int8"], f"{present}_shape"),
-                      _node("Expand", ["kv_cache_piece_positions", f"{present}_shape"], f"{present}_where"),
-                      _node("ScatterElements", [past, f"{present}_where", f"{present}_int8"], present, axis=2)]
-        nodes += [node, *after]
+        key_step, value_step = _step(keys[layer]), _step(values[layer])
+        if prompt_graph:
+            added, written = _attention_in_steps(graph, node, layer, key_step, value_step, written)
+            nodes += added
+        else:
+            nodes.append(_attention_in_int8(graph, node, layer, key_step, value_step))
     del graph.node[:]
     graph.node.extend(nodes)
     cache = set(cache_names(dims, "past") + cache_names(dims, "present"))
@@ -131,18 +101,103 @@ def int8_cache(model: onnx.ModelProto, dims: Dims, keys: np.ndarray, values: np.
             info.type.tensor_type.elem_type = TensorProto.INT8
 
 
+def _step(ranges: np.ndarray) -> np.ndarray:
+    """The quantization step (scale) of each channel: LEVELS steps cover HEADROOM times its range
+    (a channel that never held a value still needs a step)."""
+    return np.maximum(HEADROOM * ranges / LEVELS, np.finfo(np.float32).tiny).astype(np.float32)
+
+
+def _attention_in_int8(graph: onnx.GraphProto, node: onnx.NodeProto, layer: int, key_step: np.ndarray,
+                       value_step: np.ndarray) -> onnx.NodeProto:
+    """The token graph's attention: ONNX Runtime quantizes each new key and value as
+    round(x / step) and dequantizes inside the attention (steps as inputs 12 and 13, [1, kv, 1,
+    head_dim])."""
+    names = []
+    for kind, step in (("key", key_step), ("value", value_step)):
+        names.append(f"kv_cache_{kind}_scale_{layer}")
+        graph.initializer.append(numpy_helper.from_array(step[None, :, None, :], names[-1]))
+    del node.input[9:]
+    node.input.extend(["", "", "", *names])  # position_ids, attention_bias, head_sink unused
+    node.attribute.extend([onnx.helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                           onnx.helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                           onnx.helper.make_attribute("kv_cache_bit_width", 8)])
+    return node
+
+
+def _attention_in_steps(graph: onnx.GraphProto, node: onnx.NodeProto, layer: int, key_step: np.ndarray,
+                        value_step: np.ndarray, previous: str | None) -> tuple[list[onnx.NodeProto], str]:
+    """The prompt graph's attention over the int8 cache, in fp32, in units of each channel's step:
+    its nodes, and the name of the piece's rows it writes (int8 [2, kv, piece, head_dim]).
+
+    ONNX Runtime's int8 attention computes one query position at a time, which a prompt cannot
+    afford (4B widths, 8,192 cached positions, one thread: 5.5 ms per position against 1.2 ms in
+    fp32; a 10 min prompt 430 s instead of 131 s at full depth). So the buffer's window (the
+    cached positions and the piece's room) is cast to fp32 as it is: counts of steps. Queries
+    multiplied by the key steps score against those as against the dequantized keys (a rotary
+    pair's two channels share a step, so the rotation commutes with it); the piece's new keys
+    and values are divided by their steps to join the cache in its units, and the output is
+    multiplied by the value steps. No Mul over the window, and the window has the present's
+    shape, so ONNX Runtime may give the attention that copy as its present to write the piece
+    into in place: 4 layers, 256 positions after 8,192, the attention took 671 ms against 727 ms
+    on a window of the cached positions alone (636 ms on an fp32 cache). The piece's rows are
+    then rounded to int8 together and scattered into the buffer, which the runner binds as both
+    input and output.
+
+    The window is measured from the rows the previous layer wrote (`previous`): ONNX Runtime
+    orders nodes by their inputs, and without that it cast every layer's window before the first
+    attention and rounded every piece after the last, holding all those fp32 copies at once (10
+    min of audio at 4B widths: 63 MB more per layer)."""
+    heads = next(a.i for a in node.attribute if a.name == "num_heads")
+    group = heads // key_step.shape[0]  # query heads per KV head, adjacent
+    name = f"kv_cache_{layer}"
+    constants = {f"{name}_query_scale": np.repeat(key_step, group, axis=0), f"{name}_key_step": key_step,
+                 f"{name}_value_step": value_step, f"{name}_output_scale": np.repeat(value_step, group, axis=0)}
+    graph.initializer.extend(numpy_helper.from_array(c.reshape(-1), n) for n, c in constants.items())
+    query, key, value = node.input[:3]
+    (past_key, past_value), (present_key, present_value) = node.input[3:5], node.output[1:3]
+    window_end = "kv_cache_total"
+    nodes = []
+    if previous is not None:
+        window_end = f"{name}_window_end"
+        nodes += [_node("Shape", [previous], f"{name}_previous_shape"),
+                  _node("Gather", [f"{name}_previous_shape", "kv_cache_axis"], f"{name}_previous_rows"),
+                  _node("Add", ["kv_cache_cached", f"{name}_previous_rows"], window_end)]
+    nodes += [_node("Mul", [query, f"{name}_query_scale"], f"{name}_query"),
+              _node("Div", [key, f"{name}_key_step"], f"{name}_key"),
+              _node("Div", [value, f"{name}_value_step"], f"{name}_value")]
+    for past in (past_key, past_value):
+        nodes += [_node("Slice", [past, "kv_cache_zero", window_end, "kv_cache_axis"], f"{past}_window"),
+                  _node("Cast", [f"{past}_window"], f"{past}_steps", to=TensorProto.FLOAT)]
+    output = node.output[0]
+    node.input[:5] = [f"{name}_query", f"{name}_key", f"{name}_value", f"{past_key}_steps", f"{past_value}_steps"]
+    node.output[:3] = [f"{name}_attention", f"{present_key}_steps", f"{present_value}_steps"]
+    rows = [f"{present}_new" for present in (present_key, present_value)]
+    after = [_node("Mul", [f"{name}_attention", f"{name}_output_scale"], output),
+             *(_node("Slice", [f"{present}_steps", "kv_cache_cached", "kv_cache_total", "kv_cache_axis"], row)
+               for present, row in zip((present_key, present_value), rows)),
+             _node("Concat", rows, f"{name}_new_rows", axis=0),
+             _node("QuantizeLinear", [f"{name}_new_rows", "kv_cache_unit_scale", "kv_cache_zero_point"], f"{name}_new_int8"),
+             onnx.helper.make_node("Split", [f"{name}_new_int8", "kv_cache_pair"],
+                                   [f"{present_key}_int8", f"{present_value}_int8"], name=f"{name}_split", axis=0),
+             *(_node("ScatterElements", [past, "kv_cache_piece_where", f"{present}_int8"], present, axis=2)
+               for past, present in ((past_key, present_key), (past_value, present_value)))]
+    return [*nodes, node, *after], f"{name}_new_int8"
+
+
 def _node(op: str, inputs: list[str], output: str, **attrs) -> onnx.NodeProto:
     return onnx.helper.make_node(op, inputs, [output], name=output, **attrs)
 
 
-def _piece_positions(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+def _piece_positions(graph: onnx.GraphProto, dims: Dims) -> list[onnx.NodeProto]:
     """The nodes, and their constants, that every layer of the prompt graph shares: the number of
-    cached positions before the piece and after it ([1] each) and the piece's positions as
-    [1, 1, piece, 1], from input_ids [1, piece] and total_sequence_length []."""
+    cached positions before the piece and after it ([1] each) and where the piece's rows go in a
+    buffer ([1, kv_heads, piece, head_dim] positions), from input_ids [1, piece] and
+    total_sequence_length []."""
     graph.initializer.extend([numpy_helper.from_array(np.array(v, dtype), name) for name, v, dtype in (
         ("kv_cache_unit_scale", 1, np.float32), ("kv_cache_zero_point", 0, np.int8), ("kv_cache_zero", [0], np.int64),
         ("kv_cache_axis", [2], np.int64), ("kv_cache_one", [1], np.int64), ("kv_cache_step", 1, np.int64),
-        ("kv_cache_column", [1, 1, -1, 1], np.int64))])
+        ("kv_cache_column", [1, 1, -1, 1], np.int64), ("kv_cache_pair", [1, 1], np.int64),
+        ("kv_cache_heads", [1, dims.num_key_value_heads], np.int64), ("kv_cache_head_dim", [dims.head_dim], np.int64))])
     return [_node("Shape", ["input_ids"], "kv_cache_ids_shape"),
             _node("Gather", ["kv_cache_ids_shape", "kv_cache_one"], "kv_cache_piece"),
             _node("Cast", ["total_sequence_length"], "kv_cache_total_scalar", to=TensorProto.INT64),
@@ -150,4 +205,6 @@ def _piece_positions(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
             _node("Sub", ["kv_cache_total", "kv_cache_piece"], "kv_cache_cached"),
             _node("Squeeze", ["kv_cache_cached"], "kv_cache_cached_scalar"),
             _node("Range", ["kv_cache_cached_scalar", "kv_cache_total_scalar", "kv_cache_step"], "kv_cache_range"),
-            _node("Reshape", ["kv_cache_range", "kv_cache_column"], "kv_cache_piece_positions")]
+            _node("Reshape", ["kv_cache_range", "kv_cache_column"], "kv_cache_piece_positions"),
+            _node("Concat", ["kv_cache_heads", "kv_cache_piece", "kv_cache_head_dim"], "kv_cache_piece_shape", axis=0),
+            _node("Expand", ["kv_cache_piece_positions", "kv_cache_piece_shape"], "kv_cache_piece_where")]

@@ -117,8 +117,8 @@ class BufferedDecoderRunner(_Runner):
     prompt and HEADROOM more positions, and double (up to the model's limit) when full.
 
     prompt_session (decoder_prefill.onnx: the same inputs and outputs) runs every run of at least
-    MIN_PROMPT_POSITIONS positions, in pieces of PROMPT_PIECE, on the same buffers; decoder_ort
-    runs shorter ones and every token."""
+    MIN_PROMPT_POSITIONS positions, in pieces of PROMPT_PIECE (INT8_CACHE_PROMPT_PIECE for an int8
+    cache), on the same buffers; decoder_ort runs shorter ones and every token."""
 
     HEADROOM = 256
     # Below this many positions the INT4 token graph is as fast: a few rows are memory-bound, and
@@ -130,6 +130,10 @@ class BufferedDecoderRunner(_Runner):
     # efficiency: at 4B widths, 2 threads, AMX, 4 layers, 2000 positions took 1.64 s in pieces of
     # 256, 1.74 s of 512 and 1.90 s of 2048; 419 positions 0.32 s in pieces of 256, 0.35 s whole.
     PROMPT_PIECE = 256
+    # An int8 cache's prompt graph casts each layer's cached positions to fp32 once per piece, so
+    # fewer, longer pieces pay: 10 min of audio (4B widths, 4 layers, 2 threads, AMX) took 17.8 s
+    # in pieces of 256, 16.0 s of 512 and 15.9 s of 1024; 512 peaked 100 MB above 256.
+    INT8_CACHE_PROMPT_PIECE = 512
 
     def __init__(self, session, dims: Dims, prefill_chunk: int = ShapeLimits.max_prompt, prompt_session=None):
         super().__init__(session, dims, prefill_chunk)
@@ -172,7 +176,8 @@ class BufferedDecoderRunner(_Runner):
         self._reserve(self.length + len(ids))  # once for the whole prompt, not piece by piece
         if self.prompt_session is None or len(ids) < self.MIN_PROMPT_POSITIONS:
             return super().extend(ids, audio, deepstack, last)
-        return self._in_pieces(ids, audio, deepstack, last, min(self.PROMPT_PIECE, self.prefill_chunk),
+        piece = self.INT8_CACHE_PROMPT_PIECE if self.cache_dtype == np.int8 else self.PROMPT_PIECE
+        return self._in_pieces(ids, audio, deepstack, last, min(piece, self.prefill_chunk),
                                partial(self._run, session=self.prompt_session))
 
     def truncate(self, length: int) -> None:

@@ -46,8 +46,10 @@ def test_kv_cache_int8_is_a_setting_of_a_cpu_decoder(tmp_path):
     assert "weight-only" in refused({"precision": "int8-dynamic", "kv_cache": "int8"})
     assert "decoder setting" in refused({"precision": "int8-dynamic", "kv_cache": "int8"}, "encoder")
     assert "fp32, fp16 or int8" in refused({"precision": "int4", "kv_cache": "int4"})
-    # the presets keep fp32 (docs/quantization.md, "The KV cache": int8 pays on long recordings only)
+    # the int4 presets keep fp32 (docs/quantization.md, "The KV cache": int8 pays on long recordings only)
     assert load_recipe("int4").graphs["decoder"].kv_cache == "fp32"
+    assert load_recipe("int4-long").graphs["decoder"].kv_cache == "int8"
+    assert load_recipe("int4-long").graphs["decoder"].prefill == "int8"
     spec = tmp_path / "long.json"
     spec.write_text(json.dumps({"decoder": {"precision": "int4", "prefill": "int8", "kv_cache": "int8"}}))
     assert load_recipe(str(spec)).graphs["decoder"].kv_cache == "int8"
@@ -63,30 +65,53 @@ def test_the_cpu_decoders_cache_is_int8_with_scales_covering_the_calibrated_rang
         assert entry["onnxruntime"] == ">=1.27"
         assert {i["name"]: i["dtype"] for i in entry["inputs"]}[past] == "int8"
     assert {i["name"]: i["dtype"] for i in m["graphs"]["decoder"]["inputs"]}[past] == "float32"  # the portable one
-    # the scales: HEADROOM times what the calibration set's prompts cached, per channel, in both graphs alike
+    # the token graph's attention keeps the cache in int8 itself, with one step per KV head and channel
     graphs = [onnx.load(str(art.graph_path(n)), load_external_data=False) for n in (ORT_DECODER, PREFILL_DECODER)]
     scales = [{i.name: numpy_helper.to_array(i) for i in g.graph.initializer if i.name.startswith("kv_cache_")} for g in graphs]
-    assert len(scales[0]) == 2 * d.num_hidden_layers and all(np.array_equal(scales[0][k], scales[1][k]) for k in scales[0])
-    # the token graph's attention keeps the cache in int8 itself; the prompt graph's attends in fp32
-    # to the dequantized cached positions and scatters its piece, quantized, into the buffer
+    assert len(scales[0]) == 2 * d.num_hidden_layers
     for node in (n for n in graphs[0].graph.node if n.op_type == "GroupQueryAttention"):
         attrs = {a.name: a for a in node.attribute}
         assert attrs["kv_cache_bit_width"].i == 8 and attrs["k_quant_type"].s == b"PER_CHANNEL"
         assert node.input[12].startswith("kv_cache_key_scale_") and node.input[13].startswith("kv_cache_value_scale_")
+    # the prompt graph's attends in fp32 to the cast window of the buffer, in units of the same steps:
+    # queries times the key steps, new keys and values divided by theirs, the output times the value
+    # steps; the piece's rows rounded together and scattered into the buffer
     made_by = {o: n for n in graphs[1].graph.node for o in n.output}
+    window_end = "kv_cache_total"
     for layer in range(d.num_hidden_layers):
-        attention = made_by[f"attention_{layer}"]
-        assert "kv_cache_bit_width" not in {a.name for a in attention.attribute} and len(attention.input) == 9
-        for slot, kind in ((3, "key"), (4, "value")):
+        key_step, value_step = (scales[0][f"kv_cache_{kind}_scale_{layer}"][0, :, 0] for kind in ("key", "value"))
+        output = made_by[f"attention_{layer}"]
+        attention = made_by[output.input[0]]
+        assert attention.op_type == "GroupQueryAttention" and len(attention.input) == 9
+        assert "kv_cache_bit_width" not in {a.name for a in attention.attribute}
+        group = next(a.i for a in attention.attribute if a.name == "num_heads") // d.num_key_value_heads
+        expected = {attention.input[0]: ("Mul", np.repeat(key_step, group, axis=0)),
+                    attention.input[1]: ("Div", key_step), attention.input[2]: ("Div", value_step),
+                    attention.output[0]: ("Mul", np.repeat(value_step, group, axis=0))}
+        for name, (op, step) in expected.items():
+            node = output if name == attention.output[0] else made_by[name]
+            assert node.op_type == op
+            np.testing.assert_array_equal(scales[1][node.input[1]], step.reshape(-1))
+        written = []
+        for slot in (3, 4):
             past, present = cache_names(d, "past")[2 * layer + slot - 3], cache_names(d, "present")[2 * layer + slot - 3]
-            widened = made_by[attention.input[slot]]
-            assert widened.op_type == "Mul" and widened.input[1] == f"kv_cache_{kind}_scale_{layer}"
-            cached = made_by[made_by[widened.input[0]].input[0]]
-            assert cached.op_type == "Slice" and cached.input[0] == past
+            cast = made_by[attention.input[slot]]
+            window = made_by[cast.input[0]]
+            assert cast.op_type == "Cast" and window.op_type == "Slice" and window.input[:3] == [past, "kv_cache_zero", window_end]
             scatter = made_by[present]
             assert scatter.op_type == "ScatterElements" and scatter.input[0] == past
-            quantized = made_by[scatter.input[2]]
-            assert quantized.op_type == "QuantizeLinear" and made_by[quantized.input[0]].input[1] == widened.input[1]
+            split = made_by[scatter.input[2]]
+            quantized = made_by[split.input[0]]
+            assert split.op_type == "Split" and quantized.op_type == "QuantizeLinear"
+            rows = made_by[quantized.input[0]]
+            assert rows.op_type == "Concat" and made_by[rows.input[slot - 3]].input[0] == attention.output[slot - 2]
+            written.append(quantized.output[0])
+        assert written[0] == written[1]
+        # the next layer's window is measured from the rows this one wrote, so each layer's runs in its turn
+        if layer + 1 < d.num_hidden_layers:
+            end = made_by[f"kv_cache_{layer + 1}_window_end"]
+            assert end.op_type == "Add" and made_by[made_by[end.input[1]].input[0]].input[0] == written[0]
+            window_end = end.output[0]
 
     # recomputed on the fp32-cache twin (the same weights): HEADROOM times each channel's calibrated
     # range, and a held-out clip's values within reach
@@ -109,6 +134,26 @@ def test_the_cpu_decoders_cache_is_int8_with_scales_covering_the_calibrated_rang
     for layer in range(d.num_hidden_layers):
         for kind, ranges in (("key", keys), ("value", values)):
             assert (ranges[layer] <= scales[0][f"kv_cache_{kind}_scale_{layer}"][0, :, 0] * LEVELS).all(), (kind, layer)
+
+
+def test_onnxruntime_holds_one_layers_fp32_window_at_a_time(caches, tmp_path):
+    """In the order ONNX Runtime runs the prompt graph, each layer casts its window after the
+    previous layer's attention and rounds its new rows before the next layer's: the fp32 copies
+    of the cache never pile up (they did, one per layer, before the windows were chained)."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    art = Artifact.load(caches["int8"])
+    onnxruntime.InferenceSession(str(art.graph_path(PREFILL_DECODER)), options, providers=["CPUExecutionProvider"])
+    ran = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node
+    attention = [i for i, n in enumerate(ran) if n.op_type == "GroupQueryAttention"]
+    at = {o: i for i, n in enumerate(ran) for o in n.output}
+    assert len(attention) == art.dims.num_hidden_layers > 1
+    for layer in range(1, art.dims.num_hidden_layers):
+        for kind in ("key", "value"):
+            assert attention[layer - 1] < at[f"past_{kind}_{layer}_steps"] < attention[layer]
+        assert attention[layer - 1] < at[f"kv_cache_{layer - 1}_new_int8"] < attention[layer]
 
 
 def _long_prompt(pipe: Pipeline):
