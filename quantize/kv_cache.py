@@ -179,7 +179,7 @@ def _attention_in_steps(graph: onnx.GraphProto, node: onnx.NodeProto, layer: int
              _node("QuantizeLinear", [f"{name}_new_rows", "kv_cache_unit_scale", "kv_cache_zero_point"], f"{name}_new_int8"),
              onnx.helper.make_node("Split", [f"{name}_new_int8", "kv_cache_pair"],
                                    [f"{present_key}_int8", f"{present_value}_int8"], name=f"{name}_split", axis=0),
-             *(_node("ScatterElements", [past, "kv_cache_piece_where", f"{present}_int8"], present, axis=2)
+             *(_node("ScatterND", [past, "kv_cache_piece_where", f"{present}_int8"], present)
                for past, present in ((past_key, present_key), (past_value, present_value)))]
     return [*nodes, node, *after], f"{name}_new_int8"
 
@@ -191,13 +191,15 @@ def _node(op: str, inputs: list[str], output: str, **attrs) -> onnx.NodeProto:
 def _piece_positions(graph: onnx.GraphProto, dims: Dims) -> list[onnx.NodeProto]:
     """The nodes, and their constants, that every layer of the prompt graph shares: the number of
     cached positions before the piece and after it ([1] each) and where the piece's rows go in a
-    buffer ([1, kv_heads, piece, head_dim] positions), from input_ids [1, piece] and
-    total_sequence_length []."""
+    buffer (ScatterND's [1, kv_heads, piece, 3] indices: batch, head, position; a row of
+    head_dim values each, copied whole), from input_ids [1, piece] and total_sequence_length []."""
     graph.initializer.extend([numpy_helper.from_array(np.array(v, dtype), name) for name, v, dtype in (
         ("kv_cache_unit_scale", 1, np.float32), ("kv_cache_zero_point", 0, np.int8), ("kv_cache_zero", [0], np.int64),
         ("kv_cache_axis", [2], np.int64), ("kv_cache_one", [1], np.int64), ("kv_cache_step", 1, np.int64),
         ("kv_cache_column", [1, 1, -1, 1], np.int64), ("kv_cache_pair", [1, 1], np.int64),
-        ("kv_cache_heads", [1, dims.num_key_value_heads], np.int64), ("kv_cache_head_dim", [dims.head_dim], np.int64))])
+        ("kv_cache_heads", [1, dims.num_key_value_heads], np.int64),
+        ("kv_cache_head_index", np.arange(dims.num_key_value_heads).reshape(1, -1, 1, 1), np.int64),
+        ("kv_cache_batch_index", np.zeros((1, 1, 1, 1)), np.int64))])
     return [_node("Shape", ["input_ids"], "kv_cache_ids_shape"),
             _node("Gather", ["kv_cache_ids_shape", "kv_cache_one"], "kv_cache_piece"),
             _node("Cast", ["total_sequence_length"], "kv_cache_total_scalar", to=TensorProto.INT64),
@@ -206,5 +208,8 @@ def _piece_positions(graph: onnx.GraphProto, dims: Dims) -> list[onnx.NodeProto]
             _node("Squeeze", ["kv_cache_cached"], "kv_cache_cached_scalar"),
             _node("Range", ["kv_cache_cached_scalar", "kv_cache_total_scalar", "kv_cache_step"], "kv_cache_range"),
             _node("Reshape", ["kv_cache_range", "kv_cache_column"], "kv_cache_piece_positions"),
-            _node("Concat", ["kv_cache_heads", "kv_cache_piece", "kv_cache_head_dim"], "kv_cache_piece_shape", axis=0),
-            _node("Expand", ["kv_cache_piece_positions", "kv_cache_piece_shape"], "kv_cache_piece_where")]
+            _node("Concat", ["kv_cache_heads", "kv_cache_piece", "kv_cache_one"], "kv_cache_piece_shape", axis=0),
+            *(_node("Expand", [index, "kv_cache_piece_shape"], f"{index}_expanded")
+              for index in ("kv_cache_batch_index", "kv_cache_head_index", "kv_cache_piece_positions")),
+            _node("Concat", ["kv_cache_batch_index_expanded", "kv_cache_head_index_expanded",
+                             "kv_cache_piece_positions_expanded"], "kv_cache_piece_where", axis=3)]

@@ -100,7 +100,7 @@ def test_the_cpu_decoders_cache_is_int8_with_scales_covering_the_calibrated_rang
             assert cast.op_type == "Cast" and window.op_type == "Slice"
             assert window.input[:3] == [past, "kv_cache_zero", window_end]
             scatter = made_by[present]
-            assert scatter.op_type == "ScatterElements" and scatter.input[0] == past
+            assert scatter.op_type == "ScatterND" and scatter.input[0] == past
             split = made_by[scatter.input[2]]
             quantized = made_by[split.input[0]]
             assert split.op_type == "Split" and quantized.op_type == "QuantizeLinear"
