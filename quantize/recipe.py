@@ -107,8 +107,8 @@ PRESETS = {
     "int4-awq": lambda: _preset("int4-awq", "int8-dynamic", "int8-dynamic",
                                 GraphRecipe("int4", method="awq", block=128, prefill="int8")),
     # long recordings: int4 with the CPU decoders' KV cache in int8 (quantize/kv_cache.py). At
-    # 10 min of audio it decodes 1.6x faster and peaks lower than int4; at 30 s it decodes slower,
-    # and it needs onnxruntime 1.27 (docs/performance.md, "Long recordings")
+    # 10 min of audio it decodes 1.75x faster and peaks 1.9 GiB lower than int4; at 30 s it decodes
+    # slower, and it needs onnxruntime 1.27 (docs/performance.md, "Long recordings")
     "int4-long": lambda: _preset("int4-long", "int8-dynamic", "int8-dynamic",
                                  GraphRecipe("int4", block=128, prefill="int8", kv_cache="int8")),
     # Jetson / TensorRT and ONNX Runtime CUDA, in the form NVIDIA's toolchains take: fp16
