@@ -28,7 +28,7 @@ from prefill import at_full_depth, prompt_for, timed  # benchmarks/prefill.py: t
 
 UPSTREAM, FP32_CACHE, INT8_CACHE = "upstream PyTorch bf16", "ours int4, fp32 KV cache", "ours int4, int8 KV cache"
 SYSTEMS = (UPSTREAM, FP32_CACHE, INT8_CACHE)
-RECIPES = {FP32_CACHE: "int4", INT8_CACHE: "int4-int8-cache"}  # artifact folder suffixes
+RECIPES = {FP32_CACHE: "int4", INT8_CACHE: "int4-long"}  # presets, and the artifact folders' suffixes
 ONE_CHUNK = "ours, one encoder chunk per run"
 ENCODERS = (UPSTREAM, ONE_CHUNK, "ours, runtime's choice")
 LENGTHS_S = (30, 120, 600)
@@ -204,10 +204,7 @@ def main() -> None:
     args = parser.parse_args()
     from moss_edge.export.synthetic import preset, write_synthetic_checkpoint
     from moss_edge.quantize.artifact import export_quantized
-    from moss_edge.quantize.recipe import Recipe, load_recipe
-
-    def recipe(name: str) -> Recipe:
-        return load_recipe("int4-long" if name == RECIPES[INT8_CACHE] else "int4")
+    from moss_edge.quantize.recipe import load_recipe
 
     work = Path(args.workdir)
 
@@ -216,7 +213,7 @@ def main() -> None:
         if not checkpoint.exists():
             write_synthetic_checkpoint(checkpoint, preset("4b", encoder_depth, decoder_depth), dtype="bf16")
         if not artifact.exists():
-            export_quantized(checkpoint, artifact, recipe(recipe_name), verify=False, log=lambda m: None)
+            export_quantized(checkpoint, artifact, load_recipe(recipe_name), verify=False, log=lambda m: None)
         return checkpoint, artifact
 
     encoder_checkpoint, encoder_artifact = made("4b-encoder", FULL_ENCODER, 1, "int4")
